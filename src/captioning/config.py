@@ -1,0 +1,181 @@
+"""Typed parameters: one frozen dataclass per section of params.yaml.
+
+Every stage reads its own section(s) through `load_section`, which fails loudly
+on unknown keys, missing keys and values of the wrong type, so a typo in
+`dvc exp run -S train.lerning_rate=...` stops the run instead of being ignored.
+The same dataclasses travel inside the saved model (`model_config` in
+`captioning.model`), so a checkpoint always knows the settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params section does not match its dataclass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
+    path: str | None = None
+    seed: int = 2014
+    demo_train_images: int = 1200
+    demo_val_images: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitParams:
+    seed: int = 7
+    val_fraction: float = 0.5
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    max_test_images: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams:
+    max_pixels: int = 89_478_485
+    max_quarantine_fraction: float = 0.05
+    min_caption_words: int = 1
+    max_caption_words: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesParams:
+    weights: str = "none"
+    image_size: int = 299
+    batch_size: int = 32
+    shard_size: int = 1024
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeParams:
+    vocab_size: int = 5000
+    max_len: int = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    embedding_dim: int = 256
+    units: int = 512
+    attention_units: int = 512
+    encoder_dim: int = 256
+    batch_size: int = 64
+    epochs: int = 20
+    learning_rate: float = 1e-3
+    attention_penalty: float = 1.0
+    early_stopping_patience: int = 3
+    seed: int = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    split: Literal["train", "val", "test"] = "test"
+    decoder: Literal["greedy", "sample", "beam"] = "greedy"
+    beam_size: int = 3
+    temperature: float = 1.0
+    max_len: int = 24
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportParams:
+    num_images: int = 8
+    seed: int = 0
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataParams,
+    "split": SplitParams,
+    "validate": ValidateParams,
+    "features": FeaturesParams,
+    "tokenize": TokenizeParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "report": ReportParams,
+}
+
+T = TypeVar("T")
+
+
+def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` coerced to `annotation` where that is lossless, else raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(section, key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key}={value!r}: expected one of {list(allowed)}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        # bool is an int subclass; `epochs: true` is a mistake, not 1.
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(
+            f"{section}.{key}={value!r}: expected {annotation.__name__}, got {type(value).__name__}"
+        )
+    raise ConfigError(f"{section}.{key}: unsupported annotation {annotation!r}")
+
+
+def from_dict(cls: type[T], section: str, raw: dict[str, Any] | None) -> T:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types fail."""
+    raw = dict(raw or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in params section '{section}': {unknown}; known: {sorted(names)}"
+        )
+    values = {k: _check_type(section, k, v, hints[k]) for k, v in raw.items()}
+    return cls(**values)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole params file as a mapping (empty file -> empty mapping)."""
+    with open(path, encoding="utf-8") as fh:
+        loaded = yaml.safe_load(fh) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_section(name: str, path: str | Path = "params.yaml", cls: type[T] | None = None) -> T:
+    """Load params section `name` as its dataclass (see SECTIONS)."""
+    cls = cls or SECTIONS[name]
+    params = read_params(path)
+    if name not in params:
+        raise ConfigError(f"{path}: missing section '{name}'")
+    return from_dict(cls, name, params[name])
+
+
+def to_flat_dict(**sections: Any) -> dict[str, Any]:
+    """`{'train.units': 512, ...}` for MLflow params from dataclass instances."""
+    flat: dict[str, Any] = {}
+    for name, section in sections.items():
+        for key, value in dataclasses.asdict(section).items():
+            flat[f"{name}.{key}"] = value
+    return flat
