@@ -1,0 +1,306 @@
+"""The captioning model: encoder, Bahdanau attention, GRU decoder, and the trainer.
+
+The tutorial's design ("show, attend and tell" in TensorFlow's docs), rebuilt for
+Keras 3 with three fixes users ask for:
+- the GRU state is carried from word to word (the tutorial re-initialises its
+  `GRU` layer at every step, so only attention saw the history);
+- training runs teacher forcing over the whole sequence inside one compiled
+  step (`tf.scan` over time, output layers applied once to all steps) instead
+  of a Python loop over time steps;
+- InceptionV3 features are standardised by train-set statistics stored in the
+  encoder, so random-init features (tiny values) train as well as ImageNet ones.
+
+Every layer takes explicit constructor arguments, implements `get_config`, and
+is registered serialisable; the `Captioner` carries its `ModelConfig` and its
+vocabulary, so a saved `.keras` file is all that inference needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from captioning.text import PAD_ID, Vocabulary
+
+PACKAGE = "captioning"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that shapes the network; saved inside the model."""
+
+    vocab_size: int
+    embedding_dim: int = 256
+    units: int = 512
+    attention_units: int = 512
+    encoder_dim: int = 256
+    feature_dim: int = 2048
+    num_locations: int = 64
+    attention_penalty: float = 1.0
+    # The extractor that made the features: inference must rebuild the same one.
+    image_size: int = 299
+    extractor_weights: str = "none"
+    extractor_seed: int = 0
+    extractor_digest: str = ""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CNNEncoder(layers.Layer):
+    """Standardise InceptionV3 features, then Dense(encoder_dim) + ReLU per location."""
+
+    def __init__(self, encoder_dim: int, feature_dim: int = 2048, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder_dim = encoder_dim
+        self.feature_dim = feature_dim
+        self.fc = layers.Dense(encoder_dim, activation="relu", name="fc")
+
+    def build(self, input_shape=None):
+        # Non-trainable so the optimiser leaves them alone; saved with the weights.
+        self.feature_mean = self.add_weight(
+            shape=(self.feature_dim,), initializer="zeros", trainable=False, name="feature_mean"
+        )
+        self.feature_std = self.add_weight(
+            shape=(self.feature_dim,), initializer="ones", trainable=False, name="feature_std"
+        )
+        self.fc.build((None, None, self.feature_dim))
+
+    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Use train-set per-channel statistics; tiny stds are floored to avoid blow-ups."""
+        std = np.maximum(np.asarray(std, dtype=np.float32), 1e-6)
+        self.feature_mean.assign(np.asarray(mean, dtype=np.float32))
+        self.feature_std.assign(std)
+
+    def call(self, features):
+        x = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std  # (B, L, F)
+        return self.fc(x)  # (B, L, E)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "encoder_dim": self.encoder_dim,
+            "feature_dim": self.feature_dim,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BahdanauAttention(layers.Layer):
+    """Additive attention: score = V(tanh(W1 features + W2 hidden)); returns (context, weights)."""
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.W1 = layers.Dense(units, name="W1")
+        self.W2 = layers.Dense(units, name="W2")
+        self.V = layers.Dense(1, name="V")
+
+    def build(self, features_shape, hidden_shape=None):
+        self.W1.build(features_shape)
+        self.W2.build((None, hidden_shape[-1] if hidden_shape else self.units))
+        self.V.build((None, None, self.units))
+
+    def project_features(self, features):
+        """W1 features, computed once per image instead of once per word."""
+        return self.W1(features)  # (B, L, A)
+
+    def attend(self, features, projected, hidden):
+        score = self.V(tf.tanh(projected + self.W2(hidden)[:, None, :]))  # (B, L, 1)
+        weights = tf.nn.softmax(score[..., 0], axis=-1)  # (B, L)
+        context = tf.einsum("bl,ble->be", weights, features)  # (B, E)
+        return context, weights
+
+    def call(self, features, hidden):
+        return self.attend(features, self.project_features(features), hidden)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionGRUDecoder(layers.Layer):
+    """Embedding -> attention over image locations -> GRU cell -> fc1 -> fc2 (logits).
+
+    `step` decodes one word for a batch (used by every decoder in
+    `captioning.decode`); `call` runs teacher forcing over a whole sequence.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int,
+        units: int,
+        attention_units: int,
+        encoder_dim: int,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.attention_units = attention_units
+        self.encoder_dim = encoder_dim
+        self.embedding = layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        self.attention = BahdanauAttention(attention_units, name="attention")
+        self.gru = layers.GRUCell(units, recurrent_initializer="glorot_uniform", name="gru")
+        self.init_state = layers.Dense(units, activation="tanh", name="init_state")
+        self.fc1 = layers.Dense(units, name="fc1")
+        self.fc2 = layers.Dense(vocab_size, name="fc2")
+
+    def build(self, features_shape=None, tokens_shape=None):
+        self.embedding.build((None,))
+        self.attention.build((None, None, self.encoder_dim), (None, self.units))
+        self.gru.build((None, self.encoder_dim + self.embedding_dim))
+        self.init_state.build((None, self.encoder_dim))
+        self.fc1.build((None, self.units))
+        self.fc2.build((None, self.units))
+
+    def initial_state(self, features):
+        """h0 from the mean image feature (Xu et al. 2015) rather than zeros."""
+        return self.init_state(tf.reduce_mean(features, axis=1))  # (B, U)
+
+    def step(self, tokens, state, features, projected):
+        """One word for each row: tokens (B,), state (B, U) -> logits (B, V), state, weights (B, L)."""
+        context, weights = self.attention.attend(features, projected, state)
+        x = tf.concat([context, self.embedding(tokens)], axis=-1)  # (B, E + D)
+        _, [state] = self.gru(x, [state])
+        return self.fc2(self.fc1(state)), state, weights
+
+    def call(self, features, tokens):
+        """Teacher forcing: features (B, L, E), tokens (B, T) -> logits (B, T, V), weights (B, T, L)."""
+        projected = self.attention.project_features(features)
+        state0 = self.initial_state(features)
+        embedded = tf.transpose(self.embedding(tokens), [1, 0, 2])  # (T, B, D)
+        weights0 = tf.zeros_like(features[:, :, 0])  # (B, L)
+
+        def one_step(carry, x_t):
+            state, _ = carry
+            context, weights = self.attention.attend(features, projected, state)
+            _, [state] = self.gru(tf.concat([context, x_t], axis=-1), [state])
+            return state, weights
+
+        # One graph loop over time; only attention and the GRU are inside it.
+        states, weights = tf.scan(one_step, embedded, initializer=(state0, weights0))
+        logits = self.fc2(self.fc1(states))  # (T, B, V): one big matmul for all steps
+        return tf.transpose(logits, [1, 0, 2]), tf.transpose(weights, [1, 0, 2])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "attention_units": self.attention_units,
+            "encoder_dim": self.encoder_dim,
+        }
+
+
+def masked_loss(targets, logits, weights, attention_penalty: float):
+    """Token cross-entropy over non-pad targets + the doubly stochastic attention penalty.
+
+    targets (B, T) int, logits (B, T, V), weights (B, T, L). The penalty is
+    Xu et al.'s sum_l (1 - sum_t alpha_tl)^2, averaged over locations so its
+    weight does not depend on the feature map size. Returns (loss, ce, penalty).
+    """
+    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (B, T)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    ce = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+    coverage = tf.reduce_sum(weights * mask[..., None], axis=1)  # (B, L)
+    penalty = tf.reduce_mean(tf.square(1.0 - coverage))
+    return ce + attention_penalty * penalty, ce, penalty
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Captioner(keras.Model):
+    """Encoder + decoder trained with teacher forcing; carries config and vocabulary."""
+
+    def __init__(self, config: dict | ModelConfig, vocabulary: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.model_config = (
+            config if isinstance(config, ModelConfig) else ModelConfig(**config)
+        )
+        self.vocabulary = Vocabulary(vocabulary)
+        if len(self.vocabulary) != self.model_config.vocab_size:
+            raise ValueError(
+                f"vocabulary has {len(self.vocabulary)} words, config says {self.model_config.vocab_size}"
+            )
+        c = self.model_config
+        self.encoder = CNNEncoder(c.encoder_dim, c.feature_dim, name="encoder")
+        self.decoder = AttentionGRUDecoder(
+            c.vocab_size, c.embedding_dim, c.units, c.attention_units, c.encoder_dim, name="decoder"
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.ce_tracker = keras.metrics.Mean(name="ce")
+        self.penalty_tracker = keras.metrics.Mean(name="attention_penalty")
+        self.accuracy_tracker = keras.metrics.Mean(name="token_accuracy")
+
+    def build(self, input_shape=None):
+        c = self.model_config
+        self.encoder.build((None, c.num_locations, c.feature_dim))
+        self.decoder.build()
+        self.built = True
+
+    def call(self, inputs, training=False):
+        """(features (B, L, F), tokens (B, T)) -> (logits (B, T, V), weights (B, T, L))."""
+        features, tokens = inputs
+        return self.decoder(self.encoder(features), tokens)
+
+    def _loss(self, data, training):
+        features, tokens = data
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # teacher forcing shift
+        logits, weights = self((features, inputs), training=training)
+        loss, ce, penalty = masked_loss(
+            targets, logits, weights, self.model_config.attention_penalty
+        )
+        return loss, ce, penalty, logits, targets
+
+    def _update_metrics(self, loss, ce, penalty, logits, targets):
+        mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32)
+        self.loss_tracker.update_state(loss)
+        self.ce_tracker.update_state(ce)
+        self.penalty_tracker.update_state(penalty)
+        self.accuracy_tracker.update_state(tf.reduce_sum(hits * mask) / tf.reduce_sum(mask))
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss, ce, penalty, logits, targets = self._loss(data, training=True)
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return self._update_metrics(loss, ce, penalty, logits, targets)
+
+    def test_step(self, data):
+        return self._update_metrics(*self._loss(data, training=False))
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.ce_tracker, self.penalty_tracker, self.accuracy_tracker]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "config": dataclasses.asdict(self.model_config),
+            "vocabulary": self.vocabulary.words,
+        }
+
+
+def build_captioner(config: ModelConfig, vocabulary: Vocabulary, seed: int | None = None) -> Captioner:
+    """A built (weights created) captioner; `seed` makes the initial weights reproducible."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = Captioner(config, vocabulary.words)
+    model.build()
+    return model
+
+
+def load_captioner(path: str) -> Captioner:
+    """Load a `.keras` captioner saved by the train stage."""
+    model = keras.saving.load_model(path, compile=False)
+    if not isinstance(model, Captioner):
+        raise TypeError(f"{path} holds a {type(model).__name__}, not a Captioner")
+    return model
