@@ -1,0 +1,73 @@
+"""Where the raw data comes from: generate the demo, point at a local folder, or download.
+
+`prepare_source` is the download stage's one call. Whatever the source, it ends
+with a folder in the COCO 2014 layout and a small `dataset.json` beside it
+naming the source and that folder, which is how later stages find the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from captioning.config import DataParams
+from captioning.data import demo
+
+REF_NAME = "dataset.json"
+LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
+
+
+class SourceError(RuntimeError):
+    """The configured data source cannot be used as it is."""
+
+
+def check_layout(root: Path) -> None:
+    """Fail with the missing pieces if `root` is not a COCO 2014 layout folder."""
+    missing = [p for p in (*LAYOUT, "train2014", "val2014") if not (root / p).exists()]
+    if missing:
+        raise SourceError(
+            f"{root} is not in the COCO 2014 layout: missing {', '.join(missing)} "
+            "(expected train2014/, val2014/ and annotations/captions_{train,val}2014.json)"
+        )
+
+
+def prepare_source(params: DataParams, raw_dir: str | Path) -> Path:
+    """Make the data of `params.source` available under `raw_dir`; returns the layout root."""
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    if params.source == "demo":
+        root = raw_dir / "demo"
+        demo.generate_demo(root, params.demo_train_images, params.demo_val_images, params.seed)
+    elif params.source == "local":
+        if not params.path:
+            raise SourceError("data.source is 'local' but data.path is not set")
+        root = Path(params.path).expanduser()
+        if not root.is_dir():
+            raise SourceError(f"data.path {params.path!r} is not a folder")
+    else:
+        from captioning.data.fetch import fetch_source  # network code only when needed
+
+        root = fetch_source(params, raw_dir / params.source)
+    check_layout(root)
+    write_dataset_ref(raw_dir, params.source, root)
+    return root
+
+
+def write_dataset_ref(raw_dir: Path, source: str, root: Path) -> None:
+    """Write dataset.json only when it changes, so a no-op rerun changes no file."""
+    # Repo-relative when inside the repo, so the file is the same on every clone.
+    relative = os.path.relpath(root)
+    shown = str(root.resolve()) if relative.startswith("..") else relative
+    text = json.dumps({"source": source, "root": shown}, indent=2) + "\n"
+    ref = raw_dir / REF_NAME
+    if not ref.exists() or ref.read_text() != text:
+        ref.write_text(text)
+
+
+def read_dataset_ref(raw_dir: str | Path) -> dict:
+    """{"source", "root"} written by the download stage."""
+    ref = Path(raw_dir) / REF_NAME
+    if not ref.exists():
+        raise SourceError(f"{ref} not found: run the download stage first (dvc repro download)")
+    return json.loads(ref.read_text())

@@ -1,0 +1,491 @@
+"""The validate stage's library: from a COCO-layout folder to a trusted caption table.
+
+`validate_dataset` reads the layout (`captioning.data.coco_layout`), drops and
+counts null or whitespace-only captions, decodes every image once
+(`check_images`: undecodable, truncated, empty and oversized files go to the
+quarantine list with a reason), runs the Great Expectations suites of
+`captioning.captions_suite` (`run_suite`), and writes the caption table, the
+validation report with GX data docs, and the quarantine list. Hard failures
+(nothing left, too much quarantined, a critical expectation failing) raise
+`ValidationError` after the reports are written, so the reason is on disk; the
+table is then not written. Every output is byte-for-byte the same for the same
+inputs: GX run times and ids are pinned or removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image, ImageFile
+
+from captioning.captions_suite import HARD, build_suites, expectation_specs, suite_frames
+from captioning.config import SplitParams, ValidateParams
+from captioning.data.coco_layout import TABLE_COLUMNS, caption_table
+
+logger = logging.getLogger(__name__)
+
+# GX stamps every run with the wall clock; a fixed run id keeps identical data
+# producing identical report bytes (DVC would otherwise see a change each run).
+RUN_NAME = "validate"
+RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_GX_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_EXAMPLE_ROWS = 5
+
+
+class ValidationError(RuntimeError):
+    """The data set fails a hard check; the message says which and lists offending rows."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, str]:
+    """Decode one image file fully: `(reason or None, width, height, detail)`.
+
+    The format comes from the file's content (Pillow ignores the extension);
+    the header's width*height is checked before any pixel is decoded. Run it
+    under `check_images`, which turns Pillow's bomb warning into an error.
+    """
+    name = os.path.basename(path)
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty_file", 0, 0, "0 bytes"
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                detail = f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+                return "too_large", width, height, detail
+            image.load()
+            width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return "too_large", 0, 0, str(err)
+    except Image.UnidentifiedImageError:
+        return "undecodable", 0, 0, "content is not an image format Pillow recognises"
+    except FileNotFoundError:
+        return "missing_file", 0, 0, "file vanished after the layout was read"
+    except EOFError as err:
+        return "truncated", 0, 0, f"EOFError: {err}"
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "do not train on this"
+        message = str(err).replace(path, name)
+        reason = "truncated" if "truncated" in message.lower() else "decode_error"
+        return reason, 0, 0, f"{type(err).__name__}: {message}"
+    if width <= 0 or height <= 0:
+        return "decode_error", width, height, f"decoded size {width}x{height}"
+    return None, width, height, ""
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_images(
+    table: pd.DataFrame, max_pixels: int, workers: int | None = None
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Decode each distinct image of `table` once; split it into kept rows and a quarantine.
+
+    Returns `(clean_table, quarantine)`: clean_table keeps the captions of images
+    that decoded, with `width`/`height` (int64) set from the decoded image;
+    quarantine is `[{image_id, path, reason, detail}]` sorted by image_id, with
+    reason one of empty_file, undecodable, truncated, too_large, decode_error,
+    missing_file. The work runs on `workers` threads (default: usable cores).
+    """
+    images = table.drop_duplicates("image_id")[["image_id", "path"]].reset_index(drop=True)
+    paths = images["path"].tolist()
+    if not paths:
+        return table.iloc[0:0].copy(), []
+    workers = max(1, min(workers or _available_cores(), len(paths)))
+    # Threads, not processes: Pillow's decoders release the GIL, and a process
+    # pool would re-import the caller's __main__ (spawn) or fork a threaded parent.
+    # Pillow's guards are module globals. For the duration of the check its bomb
+    # guard uses our bound, its warning (bound < pixels <= 2x bound) is an error,
+    # and truncated files fail to load even if some other import relaxed that.
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+        with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # map keeps input order, so results do not depend on which thread finished first.
+            results = list(pool.map(_inspect_image, paths, itertools.repeat(max_pixels)))
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+    reasons = [r[0] for r in results]
+    images["reason"] = reasons
+    images["width"] = [r[1] for r in results]
+    images["height"] = [r[2] for r in results]
+    quarantine = [
+        {"image_id": int(image_id), "path": path, "reason": reason, "detail": detail}
+        for (image_id, path), (reason, _, _, detail) in zip(
+            images[["image_id", "path"]].itertuples(index=False), results, strict=True
+        )
+        if reason is not None
+    ]
+    quarantine.sort(key=lambda q: q["image_id"])
+
+    good = images[images["reason"].isna()].set_index("image_id")
+    clean = table[table["image_id"].isin(good.index)].copy()
+    clean["width"] = clean["image_id"].map(good["width"]).astype("int64")
+    clean["height"] = clean["image_id"].map(good["height"]).astype("int64")
+    return clean.reset_index(drop=True), quarantine
+
+
+# ---------------------------------------------------------------- captions
+
+
+def drop_bad_captions(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Remove null and whitespace-only captions (soft: counted, not fatal)."""
+    is_null = table["caption"].isna()
+    is_blank = ~is_null & ~table["caption"].astype(str).str.contains(r"\S", regex=True)
+    kept = table[~(is_null | is_blank)].reset_index(drop=True)
+    counts = {
+        "null_captions": int(is_null.sum()),
+        "blank_captions": int(is_blank.sum()),
+        "images_left_without_captions": int(
+            table["image_id"].nunique() - kept["image_id"].nunique()
+        ),
+    }
+    return kept, counts
+
+
+def check_quarantine(
+    n_images: int, quarantine: list[dict[str, Any]], params: ValidateParams
+) -> None:
+    """Raise ValidationError when no image is usable or too many were quarantined."""
+    if n_images == 0:
+        raise ValidationError("no images to validate: the caption table is empty")
+    fraction = len(quarantine) / n_images
+    rows = "\n".join(
+        f"  image_id={q['image_id']} {Path(q['path']).name}: {q['reason']} ({q['detail']})"
+        for q in quarantine[:_EXAMPLE_ROWS]
+    )
+    if len(quarantine) == n_images:
+        raise ValidationError(
+            f"no images left: all {n_images} images were quarantined, e.g.\n{rows}"
+        )
+    if fraction > params.max_quarantine_fraction:
+        raise ValidationError(
+            f"{len(quarantine)} of {n_images} images quarantined ({fraction:.1%}) > "
+            f"validate.max_quarantine_fraction={params.max_quarantine_fraction:.1%}; "
+            f"first ones:\n{rows}"
+        )
+
+
+# ---------------------------------------------------------------- Great Expectations
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """Outcome of `run_suite`: GX results per frame plus the failures sorted by severity."""
+
+    success: bool
+    hard_failures: list[dict[str, Any]]
+    soft_failures: list[dict[str, Any]]
+    results: dict[str, dict[str, Any]]
+    seconds: float
+
+    def message(self) -> str:
+        """Human-readable account of the hard failures (empty when there are none)."""
+        lines = []
+        for failure in self.hard_failures:
+            lines.append(
+                f"{failure['frame']}: {failure['expectation']}({failure['kwargs']}) failed"
+                f" for {failure['unexpected_count']} rows: {failure['why']}"
+            )
+            lines.extend(f"    {row}" for row in failure["examples"])
+        return "\n".join(lines)
+
+
+def _normalise(result: dict[str, Any]) -> dict[str, Any]:
+    """Drop the per-run parts of a GX result (load time, random ids) so reruns match."""
+    meta = result.get("meta", {})
+    meta.get("batch_markers", {}).pop("ge_load_time", None)
+    meta.pop("validation_id", None)
+    result.pop("id", None)
+    for item in result.get("results", []):
+        item.get("expectation_config", {}).pop("id", None)
+    return result
+
+
+def _failure(frame_name: str, frame: pd.DataFrame, item: dict[str, Any]) -> dict[str, Any]:
+    config = item["expectation_config"]
+    kwargs = {k: v for k, v in config["kwargs"].items() if k != "batch_id"}
+    result = item.get("result", {})
+    shown = (
+        ["image_id", "file_name", "split", "caption"]
+        if frame_name == "caption_rows"
+        else list(frame.columns)
+    )
+    examples = []
+    for index in result.get("partial_unexpected_index_list", [])[:_EXAMPLE_ROWS]:
+        if isinstance(index, int) and 0 <= index < len(frame):
+            row = frame.iloc[index][[c for c in shown if c in frame.columns]]
+            examples.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+    if not examples and "observed_value" in result:
+        examples.append({"observed_value": result["observed_value"]})
+    if item.get("exception_info", {}).get("raised_exception"):
+        examples.append({"exception": item["exception_info"]["exception_message"]})
+    return {
+        "frame": frame_name,
+        "expectation": config["type"],
+        "kwargs": kwargs,
+        "severity": config.get("severity", HARD),
+        "why": config.get("meta", {}).get("why", ""),
+        "unexpected_count": result.get("unexpected_count"),
+        "examples": examples,
+    }
+
+
+def _docs_site(directory: Path) -> dict[str, Any]:
+    return {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(directory),
+        },
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+
+
+def _pin_docs(directory: Path) -> None:
+    # GX writes render times and random ids into the HTML; pin them like the JSON.
+    stamp = RUN_TIME.strftime("%Y%m%dT%H%M%S.%fZ")
+    for page in sorted(directory.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        pinned = _UUID.sub("00000000-0000-0000-0000-000000000000", _GX_STAMP.sub(stamp, text))
+        if pinned != text:
+            page.write_text(pinned, encoding="utf-8")
+
+
+def run_suite(
+    table: pd.DataFrame, params: ValidateParams, data_docs_dir: str | Path | None = None
+) -> SuiteResult:
+    """Run the caption suites on `table` in an offline ephemeral GX context.
+
+    Failing `critical` expectations land in `hard_failures`, failing `warning`
+    ones in `soft_failures`; `success` is true when there are no hard failures.
+    With `data_docs_dir`, GX data docs (static HTML) are built there.
+    """
+    start = time.perf_counter()
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites = {"validation": _docs_site(Path(data_docs_dir).resolve())} if data_docs_dir else {}
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    context = gx.get_context(project_config=config, mode="ephemeral")
+    source = context.data_sources.add_pandas("caption_table")
+    frames = suite_frames(table)
+    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
+    results: dict[str, dict[str, Any]] = {}
+    hard: list[dict[str, Any]] = []
+    soft: list[dict[str, Any]] = []
+    for name, expectations in build_suites(params).items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+        suite = context.suites.add(gx.ExpectationSuite(name=name))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        outcome = definition.run(
+            batch_parameters={"dataframe": frames[name]},
+            run_id=run_id,
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
+        )
+        results[name] = _normalise(outcome.to_json_dict())
+        for item in results[name]["results"]:
+            if not item["success"]:
+                failure = _failure(name, frames[name], item)
+                (hard if failure["severity"] == HARD else soft).append(failure)
+    if data_docs_dir:
+        context.build_data_docs(site_names=["validation"])
+        _pin_docs(Path(data_docs_dir))
+    return SuiteResult(
+        success=not hard,
+        hard_failures=hard,
+        soft_failures=soft,
+        results=results,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _temp_sibling(path: Path, suffix: str = "") -> Path:
+    # Same folder, so os.replace is an atomic rename; plain open/mkdir keep the umask's modes.
+    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp{suffix}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _replace_dir(staged: Path, target: Path) -> None:
+    # Swap a fully written folder in, so a kill never leaves half a report.
+    old = _temp_sibling(target, ".old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, ".parquet")
+    try:
+        table.to_parquet(tmp, engine="pyarrow", index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _counts(
+    layout_stats: dict[str, Any],
+    caption_counts: dict[str, int],
+    checked: pd.DataFrame,
+    clean: pd.DataFrame,
+    quarantine: list[dict[str, Any]],
+) -> dict[str, Any]:
+    reasons = sorted({q["reason"] for q in quarantine})
+    return {
+        "layout": layout_stats,
+        "captions": caption_counts,
+        "images_checked": int(checked["image_id"].nunique()),
+        "images_quarantined": len(quarantine),
+        "quarantine_reasons": {r: sum(q["reason"] == r for q in quarantine) for r in reasons},
+        "images_kept": int(clean["image_id"].nunique()),
+        "captions_kept": int(len(clean)),
+        "images_per_split": {
+            name: int(clean.loc[clean["split"] == name, "image_id"].nunique())
+            for name in ("train", "val", "test")
+        },
+    }
+
+
+def _soft_warnings(counts: dict[str, Any], soft_failures: list[dict[str, Any]]) -> list[str]:
+    found = [f"{f['frame']}: {f['expectation']} {f['kwargs']}: {f['why']}" for f in soft_failures]
+    missing = counts["layout"]["missing_image_files"]
+    if missing:
+        found.append(f"{missing} annotated images have no file and were dropped")
+    dropped = counts["captions"]["null_captions"] + counts["captions"]["blank_captions"]
+    if dropped:
+        found.append(f"{dropped} null or whitespace-only captions were dropped")
+    return found
+
+
+def validate_dataset(
+    root: str | Path,
+    split: SplitParams,
+    params: ValidateParams,
+    out_table: str | Path,
+    out_report_dir: str | Path,
+    out_quarantine: str | Path,
+) -> dict[str, Any]:
+    """Validate a COCO-layout folder and write the table, the report and the quarantine list.
+
+    Writes `out_table` (parquet, the caption table of docs/design.md),
+    `out_report_dir/result.json` (counts, failures by severity, the suite and
+    the GX results), `out_report_dir/data_docs/index.html` and `out_quarantine`
+    (`[{image_id, file_name, reason, detail}]` by image_id). Returns a summary
+    (counts, soft warnings, seconds per step). On a hard failure the report and
+    quarantine list are written, a stale table is removed and ValidationError
+    is raised.
+    """
+    out_table, out_report_dir = Path(out_table), Path(out_report_dir)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    table, layout_stats = caption_table(root, split)
+    table, caption_counts = drop_bad_captions(table)
+    seconds["layout"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    clean, quarantine = check_images(table, params.max_pixels)
+    seconds["images"] = time.perf_counter() - start
+    file_names = dict(zip(table["image_id"], table["file_name"], strict=True))
+    quarantine_out = [
+        {"image_id": q["image_id"], "file_name": file_names[q["image_id"]]}
+        | {"reason": q["reason"], "detail": q["detail"]}
+        for q in quarantine
+    ]
+    counts = _counts(layout_stats, caption_counts, table, clean, quarantine)
+    report: dict[str, Any] = {"success": False, "counts": counts}
+    report.update(hard_failures=[], soft_failures=[])
+    error: ValidationError | None = None
+
+    out_report_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = _temp_sibling(out_report_dir)
+    staged.mkdir()
+    try:
+        try:
+            check_quarantine(counts["images_checked"], quarantine, params)
+        except ValidationError as err:
+            error = err
+            report["hard_failures"].append({"check": "quarantine", "message": str(err)})
+        if error is None:
+            suite = run_suite(clean, params, data_docs_dir=staged / "data_docs")
+            seconds["suite"] = suite.seconds
+            report["success"] = suite.success
+            report["hard_failures"] = suite.hard_failures
+            report["soft_failures"] = suite.soft_failures
+            report["expectations"] = [check._asdict() for check in expectation_specs(params)]
+            report["gx_results"] = suite.results
+            if not suite.success:
+                error = ValidationError("hard expectations failed:\n" + suite.message())
+        (staged / "result.json").write_bytes(_json_bytes(report))
+        _replace_dir(staged, out_report_dir)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+    _write_atomic(Path(out_quarantine), _json_bytes(quarantine_out))
+    if error is not None:
+        # A table from an earlier, passing run must not look like this run's output.
+        out_table.unlink(missing_ok=True)
+        raise error
+
+    found = _soft_warnings(counts, report["soft_failures"])
+    for warning in found:
+        logger.warning("validate: %s", warning)
+    _write_table(clean[TABLE_COLUMNS], out_table)
+    return {"success": True, "counts": counts, "warnings": found, "seconds": seconds}
