@@ -1,0 +1,354 @@
+"""Tests for captioning.features: preprocessing, extractor weights, the sharded store.
+
+Real InceptionV3 models on a few tiny generated images. Most tests use the
+smallest input InceptionV3 accepts (75 px, one location) to stay fast; one
+extraction runs at 299 px to check the (64, 2048) grid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from captioning import features
+from captioning.features import (
+    FeatureStore,
+    WeightsUnavailableError,
+    build_extractor,
+    bytes_per_image,
+    extract_features,
+    preprocess_image,
+)
+
+SMALL = 75  # InceptionV3's minimum input: its output grid is 1x1
+
+
+def _write_image(path: Path, size: tuple[int, int], seed: int, fmt: str, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, format=fmt)
+
+
+def _image_table(root: Path, ids_and_splits: list[tuple[int, str]], seed: int = 0) -> pd.DataFrame:
+    """Images of assorted formats and sizes; ids given out of order on purpose."""
+    root.mkdir(parents=True, exist_ok=True)
+    kinds = [("JPEG", "RGB"), ("PNG", "RGB"), ("JPEG", "L"), ("PNG", "RGBA")]
+    rows = []
+    for n, (image_id, split) in enumerate(ids_and_splits):
+        fmt, mode = kinds[n % len(kinds)]
+        path = root / f"img_{image_id}.jpg"  # PNGs too: the content decides
+        _write_image(path, (40 + 13 * n, 30 + 7 * n), seed + image_id, fmt, mode)
+        rows.append({"image_id": image_id, "path": str(path), "split": split})
+    return pd.DataFrame(rows)
+
+
+IDS = [
+    (17, "train"),
+    (3, "val"),
+    (5, "train"),
+    (11, "train"),
+    (2, "train"),
+    (40, "val"),
+    (9, "train"),
+]
+
+
+@pytest.fixture(scope="module")
+def small_extractor() -> keras.Model:
+    return build_extractor("none", image_size=SMALL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> pd.DataFrame:
+    return _image_table(tmp_path_factory.mktemp("images"), IDS)
+
+
+def _extract(images, out, extractor, **kwargs):
+    options = {"batch_size": 2, "shard_size": 3, "image_size": SMALL, "progress": False}
+    return extract_features(images, out, extractor, **(options | kwargs))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_image_shape_and_range(tmp_path):
+    _write_image(tmp_path / "a.jpg", (50, 31), 1, "JPEG")
+    image = preprocess_image((tmp_path / "a.jpg").read_bytes(), image_size=SMALL)
+    assert image.shape == (SMALL, SMALL, 3) and image.dtype == tf.float32
+    assert -1.0 <= float(tf.reduce_min(image)) < float(tf.reduce_max(image)) <= 1.0
+
+    Image.new("RGB", (20, 10), (255, 255, 255)).save(tmp_path / "white.png")
+    Image.new("RGB", (20, 10), (0, 0, 0)).save(tmp_path / "black.png")
+    np.testing.assert_allclose(preprocess_image((tmp_path / "white.png").read_bytes(), 80), 1.0)
+    np.testing.assert_allclose(preprocess_image((tmp_path / "black.png").read_bytes(), 80), -1.0)
+    assert preprocess_image(tf.constant((tmp_path / "a.jpg").read_bytes())).shape == (299, 299, 3)
+
+
+def test_png_named_jpg_and_grey_or_alpha_images_decode(tmp_path):
+    _write_image(tmp_path / "png.jpg", (33, 21), 2, "PNG", "RGBA")
+    _write_image(tmp_path / "grey.jpg", (33, 21), 3, "JPEG", "L")
+    for name in ("png.jpg", "grey.jpg"):
+        assert preprocess_image((tmp_path / name).read_bytes(), SMALL).shape == (SMALL, SMALL, 3)
+
+
+def test_preprocess_image_in_tf_data_matches_eager(images):
+    paths = images["path"].tolist()
+    dataset = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: features.load_image(p, SMALL), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    for path, in_graph in zip(paths, dataset, strict=True):
+        eager = preprocess_image(Path(path).read_bytes(), SMALL)
+        np.testing.assert_array_equal(in_graph.numpy(), eager.numpy())
+
+
+# ----------------------------------------------------------------------------- extractor
+
+
+def test_random_init_is_seeded(small_extractor):
+    same = build_extractor("none", image_size=SMALL, seed=0)
+    other = build_extractor("none", image_size=SMALL, seed=1)
+    assert small_extractor.output_shape == (None, 1, 2048)
+    assert features.weights_digest(same) == features.weights_digest(small_extractor)
+    assert features.weights_digest(other) != features.weights_digest(small_extractor)
+
+
+def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with socket.socket() as probe:  # a local port nobody listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(features, "IMAGENET_NOTOP_URL", f"http://127.0.0.1:{port}/w.h5")
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_extractor("imagenet", image_size=SMALL)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    cache = tmp_path / "keras" / "models" / features.IMAGENET_NOTOP_FILE
+    for needed in (
+        str(cache),
+        f"127.0.0.1:{port}",
+        "features.weights: none",
+        "features.weights: /",
+    ):
+        assert needed in message
+    assert not cache.exists() and not any(cache.parent.iterdir())  # no partial file left
+
+
+def test_corrupt_cached_imagenet_file_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(features, "IMAGENET_NOTOP_URL", "http://127.0.0.1:1/w.h5")
+    cache = tmp_path / "models" / features.IMAGENET_NOTOP_FILE
+    cache.parent.mkdir()
+    cache.write_bytes(b"half a file")
+    with pytest.raises(WeightsUnavailableError, match="md5"):
+        build_extractor("imagenet", image_size=SMALL)
+
+
+def test_missing_weights_path_raises(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="no such file"):
+        build_extractor(str(tmp_path / "nope.weights.h5"), image_size=SMALL)
+
+
+def test_weights_files_load(tmp_path, small_extractor):
+    """A native .weights.h5 and a legacy no-top .h5 (keras.applications' layout) load."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    expected = features.weights_digest(small_extractor)
+    small_extractor.save_weights(tmp_path / "x.weights.h5")
+    assert (
+        features.weights_digest(build_extractor(str(tmp_path / "x.weights.h5"), SMALL)) == expected
+    )
+
+    with h5py.File(tmp_path / "notop.h5", "w") as fh:
+        legacy_h5_format.save_weights_to_hdf5_group(fh, small_extractor)
+    assert features.weights_digest(build_extractor(str(tmp_path / "notop.h5"), SMALL)) == expected
+
+
+@pytest.mark.slow
+def test_with_top_weights_file_loads_its_backbone(tmp_path):
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(5)
+    with_top = keras.applications.InceptionV3(weights=None, input_shape=(SMALL, SMALL, 3))
+    with h5py.File(tmp_path / "top.h5", "w") as fh:
+        legacy_h5_format.save_weights_to_hdf5_group(fh, with_top)
+    loaded = build_extractor(str(tmp_path / "top.h5"), SMALL)
+    top_weights = with_top.get_weights()
+    assert len(loaded.weights) == len(top_weights) - 2  # all but the classifier's kernel and bias
+    for mine, theirs in zip(loaded.get_weights(), top_weights, strict=False):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def test_extract_features_writes_shards_and_index(tmp_path, images, small_extractor):
+    index = _extract(images, tmp_path / "f", small_extractor)
+
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "index.parquet",
+        "manifest.json",
+        "train-00000.npy",
+        "train-00001.npy",
+        "val-00000.npy",
+    ]
+    assert index.dtypes.astype(str).to_dict() == {
+        "image_id": "int64",
+        "split": "object",
+        "shard": "object",
+        "row": "int64",
+    }
+    assert index["image_id"].tolist() == [2, 5, 9, 11, 17, 3, 40]  # by split, then id
+    assert (
+        index["shard"].tolist()
+        == ["train-00000.npy"] * 3 + ["train-00001.npy"] * 2 + ["val-00000.npy"] * 2
+    )
+    assert index["row"].tolist() == [0, 1, 2, 0, 1, 0, 1]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "f" / "index.parquet"), index)
+
+    shard = np.load(tmp_path / "f" / "train-00001.npy")
+    assert shard.dtype == np.float16 and shard.shape == (2, 1, 2048)
+    # The store holds what the model computes for each preprocessed image.
+    paths = images.set_index("image_id").loc[[11, 17], "path"]
+    batch = tf.stack([preprocess_image(Path(p).read_bytes(), SMALL) for p in paths])
+    np.testing.assert_allclose(
+        shard.astype(np.float32), small_extractor(batch).numpy(), rtol=2e-3, atol=1e-6
+    )
+
+
+def test_extraction_at_299_gives_64_locations(tmp_path, images):
+    extractor = build_extractor("none", image_size=299, seed=0)
+    assert extractor.output_shape == (None, 64, 2048)
+    two = images[images["split"] == "val"]
+    extract_features(two, tmp_path, extractor, batch_size=2, image_size=299, progress=False)
+    shard = np.load(tmp_path / "val-00000.npy")
+    assert shard.shape == (2, 64, 2048) and shard.dtype == np.float16
+    assert np.isfinite(shard).all() and shard.std() > 0
+
+
+def test_rerun_resumes_and_is_byte_identical(tmp_path, images, small_extractor):
+    out = tmp_path / "f"
+    _extract(images, out, small_extractor)
+    reference = _files(out)
+    first_mtime = (out / "train-00000.npy").stat().st_mtime_ns
+
+    # A killed run: last shard and index missing, a temp file half written,
+    # plus a shard left from a bigger image set.
+    (out / "val-00000.npy").unlink()
+    (out / "index.parquet").unlink()
+    (out / "val-00000.npy.tmp").write_bytes(b"partial")
+    (out / "train-00007.npy").write_bytes((out / "train-00001.npy").read_bytes())
+
+    _extract(images, out, small_extractor)
+    assert _files(out) == reference
+    assert (out / "train-00000.npy").stat().st_mtime_ns == first_mtime
+
+
+def test_changed_images_are_not_reused(tmp_path, images, small_extractor):
+    other = _image_table(tmp_path / "other", IDS, seed=100)  # same ids and names, new pixels
+    _extract(images, tmp_path / "reused", small_extractor)
+    _extract(other, tmp_path / "reused", small_extractor)
+    _extract(other, tmp_path / "fresh", small_extractor)
+    assert _files(tmp_path / "reused") == _files(tmp_path / "fresh")
+
+
+def test_duplicate_rows_are_merged_but_conflicts_fail(tmp_path, images, small_extractor):
+    index = _extract(pd.concat([images, images]), tmp_path / "a", small_extractor)
+    assert len(index) == len(images)
+    clash = images.assign(split=["train"] * len(images))
+    with pytest.raises(ValueError, match="more than one path or split"):
+        _extract(pd.concat([images, clash]), tmp_path / "b", small_extractor)
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_to_identical_output(tmp_path, images):
+    images.to_parquet(tmp_path / "images.parquet")
+    script = textwrap.dedent(
+        f"""
+        import pandas as pd
+        from captioning.features import build_extractor, extract_features
+        images = pd.read_parquet({str(tmp_path / "images.parquet")!r})
+        extractor = build_extractor("none", image_size=299, seed=0)
+        extract_features(images, {str(tmp_path / "killed")!r}, extractor,
+                         batch_size=1, shard_size=1, image_size=299, progress=False)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "train-00000.npy"
+    deadline = time.monotonic() + 120
+    while not first.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert first.exists(), "the child never wrote a shard"
+    assert not (tmp_path / "killed" / "index.parquet").exists(), "killed too late to test resume"
+
+    extractor = build_extractor("none", image_size=299, seed=0)
+    options = {"batch_size": 1, "shard_size": 1, "image_size": 299, "progress": False}
+    extract_features(images, tmp_path / "killed", extractor, **options)
+    extract_features(images, tmp_path / "whole", extractor, **options)
+    assert _files(tmp_path / "killed") == _files(tmp_path / "whole")
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, images, small_extractor) -> FeatureStore:
+    out = tmp_path_factory.mktemp("store")
+    _extract(images, out, small_extractor)
+    return FeatureStore(out)
+
+
+def test_store_get_returns_rows_in_the_order_asked(store):
+    assert len(store) == 7 and store.feature_shape == (1, 2048) and store.splits == ["train", "val"]
+    assert store.image_ids("val").tolist() == [3, 40]
+    assert store.image_ids("train").tolist() == [2, 5, 9, 11, 17]
+    every = {
+        i: np.load(store.root / shard, mmap_mode="r")[row]
+        for i, shard, row in store.index[["image_id", "shard", "row"]].itertuples(index=False)
+    }
+    asked = [40, 2, 17, 3, 2]
+    got = store.get(asked)
+    assert got.dtype == np.float16 and got.shape == (5, 1, 2048)
+    np.testing.assert_array_equal(got, np.stack([every[i] for i in asked]))
+    assert store.get(np.array([], dtype=np.int64)).shape == (0, 1, 2048)
+    with pytest.raises(KeyError, match="1234"):
+        store.get([2, 1234])
+
+
+def test_feature_stats_match_numpy(store):
+    train = store.get(store.image_ids("train")).astype(np.float64).reshape(-1, 2048)
+    mean, std = store.feature_stats("train")
+    np.testing.assert_allclose(mean, train.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, train.std(axis=0), rtol=1e-9)
+    first_four = train[:4]  # spans two shards
+    mean, std = store.feature_stats("train", max_images=4)
+    np.testing.assert_allclose(mean, first_four.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, first_four.std(axis=0), rtol=1e-9)
+    with pytest.raises(ValueError, match="no images"):
+        store.feature_stats("test")
+
+
+def test_bytes_per_image_counts_the_whole_store(store):
+    shards = 7 * 2048 * 2  # float16 payload; headers, manifest and index come on top
+    assert shards / 7 < bytes_per_image(store.root) < shards / 7 + 4096
