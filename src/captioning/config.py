@@ -29,6 +29,13 @@ class DataParams:
     seed: int = 2014
     demo_train_images: int = 1200
     demo_val_images: int = 300
+    # Downloaded sources (captioning.data.fetch); None means the official host/URL.
+    base_url: str | None = None
+    subset: int | None = None
+    images_url: str | None = None
+    karpathy_url: str | None = None
+    download_workers: int = 8
+    download_retries: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,7 @@ class SplitParams:
     max_train_images: int | None = None
     max_val_images: int | None = None
     max_test_images: int | None = None
+    scheme: Literal["coco", "karpathy"] = "coco"
 
 
 @dataclasses.dataclass(frozen=True)
