@@ -17,8 +17,13 @@ def trained():
     """A model overfit so image k -> caption k: decoding has a known right answer."""
     vocab = Vocabulary.build(CAPTIONS, 50)
     config = ModelConfig(
-        vocab_size=len(vocab), embedding_dim=16, units=32, attention_units=16,
-        encoder_dim=16, feature_dim=8, num_locations=4,
+        vocab_size=len(vocab),
+        embedding_dim=16,
+        units=32,
+        attention_units=16,
+        encoder_dim=16,
+        feature_dim=8,
+        num_locations=4,
     )
     model = build_captioner(config, vocab, seed=0)
     rng = np.random.default_rng(0)
@@ -73,7 +78,9 @@ def test_batched_decoding_equals_one_image_at_a_time(trained):
     decoder = CaptionDecoder(model)
     for method in ("greedy", "beam"):
         together = decoder.decode(features, method, max_len=10, batch_size=3)
-        alone = [decoder.decode(features[i : i + 1], method, max_len=10).captions[0] for i in range(3)]
+        alone = [
+            decoder.decode(features[i : i + 1], method, max_len=10).captions[0] for i in range(3)
+        ]
         assert together.captions == alone
 
 

@@ -16,7 +16,9 @@ from captioning.model import (
 )
 from captioning.text import PAD_ID, Vocabulary
 
-SMALL = dict(embedding_dim=16, units=24, attention_units=20, encoder_dim=12, feature_dim=32, num_locations=9)
+SMALL = dict(
+    embedding_dim=16, units=24, attention_units=20, encoder_dim=12, feature_dim=32, num_locations=9
+)
 
 
 def small_model(seed=0, **overrides):
@@ -102,7 +104,9 @@ def test_training_lowers_loss_on_a_fixed_batch():
     features, tokens = batch(n=8, vocab_size=len(model.vocabulary))
     ds = tf.data.Dataset.from_tensors((features, tokens)).repeat(30)
     history = model.fit(ds, epochs=1, verbose=0)
-    first = model.evaluate(tf.data.Dataset.from_tensors((features, tokens)), verbose=0, return_dict=True)
+    first = model.evaluate(
+        tf.data.Dataset.from_tensors((features, tokens)), verbose=0, return_dict=True
+    )
     assert first["ce"] < 1.0  # 14-word vocabulary: chance is ln(14) ~ 2.6
     assert history.history["loss"][0] > first["loss"]
 

@@ -27,7 +27,7 @@ class DataParams:
     source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
     path: str | None = None
     seed: int = 2014
-    demo_train_images: int = 1200
+    demo_train_images: int = 1000
     demo_val_images: int = 300
     # Downloaded sources (captioning.data.fetch); None means the official host/URL.
     base_url: str | None = None
@@ -101,6 +101,19 @@ class ReportParams:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class GatesParams:
+    """`captioning gate`: absolute floors and allowed drops against the base branch.
+
+    Both map a metric name of reports/metrics.json to a number in that metric's
+    own units; every metric is higher-is-better. A tolerance is an absolute drop
+    (0.02 BLEU-4 points), not a relative one, so it stays meaningful near zero.
+    """
+
+    floors: dict[str, float] = dataclasses.field(default_factory=dict)
+    tolerances: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataParams,
     "split": SplitParams,
@@ -110,6 +123,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "report": ReportParams,
+    "gates": GatesParams,
 }
 
 T = TypeVar("T")
@@ -136,6 +150,18 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{section}.{key}={value!r}: expected one of {list(allowed)}")
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{section}.{key}={value!r}: expected a mapping, got {type(value).__name__}"
+            )
+        return {
+            _check_type(section, f"{key} key", k, key_type): _check_type(
+                section, f"{key}.{k}", v, value_type
+            )
+            for k, v in value.items()
+        }
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):

@@ -86,8 +86,11 @@ class CaptionDecoder:
             parts.append([t.numpy() for t in out])
         if not parts:
             return DecodeResult(
-                np.zeros((0, max_len), np.int32), [], np.zeros(0, np.float32),
-                np.zeros(0, np.int32), np.zeros((0, max_len, 0), np.float32),
+                np.zeros((0, max_len), np.int32),
+                [],
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int32),
+                np.zeros((0, max_len, 0), np.float32),
             )
         tokens, scores, attention = (np.concatenate(p) for p in zip(*parts, strict=True))
         lengths = _caption_lengths(tokens)
@@ -98,7 +101,12 @@ class CaptionDecoder:
     def _prepare(self, features):
         encoded = self.model.encoder(features)  # (B, L, E)
         decoder = self.model.decoder
-        return decoder, encoded, decoder.attention.project_features(encoded), decoder.initial_state(encoded)
+        return (
+            decoder,
+            encoded,
+            decoder.attention.project_features(encoded),
+            decoder.initial_state(encoded),
+        )
 
     def _greedy_loop(self, features, max_len, temperature, seed):
         """temperature 0: argmax (greedy); > 0: stateless sampling from softmax(logits / T)."""
@@ -112,14 +120,7 @@ class CaptionDecoder:
         for t in tf.range(max_len):
             logits, state, weights = decoder.step(tokens, state, encoded, projected)
             logp = tf.nn.log_softmax(logits)  # (B, V)
-            step_seed = tf.stack([seed[0], seed[1] * 100003 + t])
-            chosen = tf.cond(
-                temperature > 0,
-                lambda: tf.random.stateless_categorical(
-                    logits / temperature, 1, seed=step_seed, dtype=tf.int32
-                )[:, 0],
-                lambda: tf.argmax(logits, axis=-1, output_type=tf.int32),
-            )
+            chosen = _pick(logits, temperature, tf.stack([seed[0], seed[1] * 100003 + t]))
             chosen = tf.where(done, PAD_ID, chosen)
             score += tf.where(done, 0.0, tf.gather(logp, chosen, batch_dims=1))
             out_tokens = out_tokens.write(t, chosen)
@@ -192,6 +193,17 @@ class CaptionDecoder:
             tf.gather(normalised, best, batch_dims=1),
             tf.gather(att_history, best, batch_dims=1),
         )
+
+
+def _pick(logits, temperature, seed):
+    """argmax when temperature is 0, else a seeded draw from softmax(logits / temperature)."""
+    return tf.cond(
+        temperature > 0,
+        lambda: tf.random.stateless_categorical(logits / temperature, 1, seed=seed, dtype=tf.int32)[
+            :, 0
+        ],
+        lambda: tf.argmax(logits, axis=-1, output_type=tf.int32),
+    )
 
 
 def _caption_lengths(tokens: np.ndarray) -> np.ndarray:

@@ -219,9 +219,7 @@ class Captioner(keras.Model):
 
     def __init__(self, config: dict | ModelConfig, vocabulary: list[str], **kwargs):
         super().__init__(**kwargs)
-        self.model_config = (
-            config if isinstance(config, ModelConfig) else ModelConfig(**config)
-        )
+        self.model_config = config if isinstance(config, ModelConfig) else ModelConfig(**config)
         self.vocabulary = Vocabulary(vocabulary)
         if len(self.vocabulary) != self.model_config.vocab_size:
             raise ValueError(
@@ -259,7 +257,9 @@ class Captioner(keras.Model):
 
     def _update_metrics(self, loss, ce, penalty, logits, targets):
         mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
-        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32)
+        hits = tf.cast(
+            tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32
+        )
         self.loss_tracker.update_state(loss)
         self.ce_tracker.update_state(ce)
         self.penalty_tracker.update_state(penalty)
@@ -289,7 +289,9 @@ class Captioner(keras.Model):
         }
 
 
-def build_captioner(config: ModelConfig, vocabulary: Vocabulary, seed: int | None = None) -> Captioner:
+def build_captioner(
+    config: ModelConfig, vocabulary: Vocabulary, seed: int | None = None
+) -> Captioner:
     """A built (weights created) captioner; `seed` makes the initial weights reproducible."""
     if seed is not None:
         keras.utils.set_random_seed(seed)

@@ -99,7 +99,11 @@ class Vocabulary:
 
 
 def encode_splits(
-    captions: Sequence[str], image_ids: Sequence[int], splits: Sequence[str], size: int, max_len: int
+    captions: Sequence[str],
+    image_ids: Sequence[int],
+    splits: Sequence[str],
+    size: int,
+    max_len: int,
 ) -> tuple[Vocabulary, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Vocabulary from the train captions, then every split encoded.
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 KINDS = ("circle", "square", "triangle", "star")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
+COLOURS = ("red", "green", "blue", "yellow", "purple")
 SIZES = ("small", "large")
 POSITIONS = (
     "top left", "top", "top right",
@@ -41,7 +41,7 @@ IMAGE_SIZE = 299
 CAPTIONS_PER_IMAGE = 5
 MARKER_NAME = "demo_params.json"
 # Bump when the generator's output changes, so an old folder is not mistaken for current.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Every word maps back to exactly one canonical name; the parser relies on that.
 KIND_WORDS = {
@@ -56,7 +56,6 @@ COLOUR_WORDS = {
     "blue": ("blue",),
     "yellow": ("yellow",),
     "purple": ("purple", "violet"),
-    "white": ("white",),
 }
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 _CORNER = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
@@ -79,9 +78,10 @@ FILL_RGB = {
     "blue": (35, 75, 215),
     "yellow": (235, 215, 40),
     "purple": (135, 50, 175),
-    "white": (240, 240, 240),
 }
-_RADIUS = {"small": (22.0, 28.0), "large": (38.0, 46.0)}
+_RADIUS = {"small": (26.0, 32.0), "large": (38.0, 46.0)}
+_RIM, _STRIPE, _DOT = 6, 7, 6  # pattern sizes in pixels (square rim, stripe period, dot period)
+_ACCENT_LIGHT, _ACCENT_DARK = (240.0, 240.0, 235.0), (25.0, 25.0, 30.0)
 _CATEGORY_IDS = {kind: i + 1 for i, kind in enumerate(KINDS)}
 
 # --- the grammar: caption -> (kind, colour, position) triples -----------------------------------
@@ -415,7 +415,28 @@ def _paint(img: np.ndarray, obj: dict, rng: np.random.Generator) -> None:
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     ramp = ((xx - cx) * math.cos(light) + (yy - cy) * math.sin(light)) / radius  # (h, w)
     fill = colour * (1 + rng.uniform(0.06, 0.15) * ramp[..., None])  # gentle shading
+    _surface_pattern(fill, obj["kind"], mask, xx, yy)
     patch[...] = patch * (1 - alpha) + fill * alpha
+
+
+def _surface_pattern(fill: np.ndarray, kind: str, mask: Image.Image, xx, yy) -> None:
+    """Give each kind its own surface pattern, in place on fill (h, w, 3).
+
+    Silhouettes alone are barely separable in random-init InceptionV3 features
+    (a linear probe on the object's cells told the four kinds apart 46% of the
+    time), while colour statistics survive (99%). So besides its outline each
+    kind carries a pattern that changes those statistics: circles are plain,
+    squares have a white rim, triangles dark stripes, stars white dots.
+    """
+    if kind == "square":
+        inner = np.asarray(mask.filter(ImageFilter.MinFilter(_RIM * 2 + 1)), np.float32) / 255
+        rim = (np.asarray(mask, np.float32) / 255 > 0.5) & (inner < 0.5)
+        fill[rim] = _ACCENT_LIGHT
+    elif kind == "triangle":
+        fill[(yy.astype(int) % _STRIPE) < _STRIPE // 2] = _ACCENT_DARK
+    elif kind == "star":
+        dots = (yy.astype(int) % _DOT < _DOT // 2) & (xx.astype(int) % _DOT < _DOT // 2)
+        fill[dots] = _ACCENT_LIGHT
 
 
 def render_scene(objects: list[dict], rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,75 @@
+# One entry point for people, CI and DVC. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+# dvc.yaml's commands say `python`: the project's virtualenv must come first.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install init repro test test-fast lint bench serve gate clean \
+	repro-ci ci-comment record-base
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/captioning: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/captioning ## create .venv and install the project with pinned dependencies
+
+init: install ## make this folder a git + DVC repo if it is not one yet (DVC needs one commit)
+	@git rev-parse --git-dir >/dev/null 2>&1 || { git init -q && git add -A && git -c user.name=captioning -c user.email=captioning@localhost commit -qm "initial commit"; }
+	@test -d .dvc || { $(BIN)/dvc init -q && $(BIN)/dvc config core.autostage true && $(BIN)/dvc config core.analytics false; }
+
+repro: init ## run the whole pipeline (offline demo data by default)
+	$(BIN)/dvc repro
+
+test: install ## run the whole test suite, slow integration tests included
+	$(BIN)/pytest -q
+
+test-fast: install ## the inner-loop subset: everything not marked slow
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install ## ruff check and format check
+	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/ruff format --check src stages tests benchmarks
+
+bench: install ## print the speed and memory benchmarks (see README)
+	$(BIN)/python -m benchmarks.run
+
+# --- CI: .github/workflows/ci.yml runs these same targets (docs/gates.md) ---
+CI_DIR := build/ci
+# The CI-sized demo run, as `dvc exp run -S` overrides: a few minutes on a CI runner.
+CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.epochs=8 report.num_images=3
+# What the gate compares with: BASE_REF=main (a git revision: `dvc metrics diff`), or
+# BASE_DIR=build/ci/base (metrics.json + train_history.csv that CI recorded for the base commit).
+BASE_REF ?=
+BASE_DIR ?=
+GATE_BASE = $(if $(BASE_DIR),--base-metrics $(BASE_DIR)/metrics.json,$(if $(BASE_REF),--base-ref $(BASE_REF)))
+PLOT_BASE = $(if $(BASE_DIR),--base-history $(BASE_DIR)/train_history.csv,$(if $(BASE_REF),--base-ref $(BASE_REF)))
+
+repro-ci: init ## the pipeline at CI size (CI_PARAMS) as a DVC experiment; params.yaml is restored after
+	@mkdir -p $(CI_DIR) && cp params.yaml $(CI_DIR)/params.yaml.orig
+	$(BIN)/dvc exp run $(addprefix -S ,$(CI_PARAMS)); status=$$?; \
+	cp $(CI_DIR)/params.yaml.orig params.yaml; exit $$status
+
+gate: install ## check reports/metrics.json against params.yaml `gates:` (and BASE_REF=main or BASE_DIR=...)
+	$(BIN)/captioning gate --out $(CI_DIR)/gate.md $(GATE_BASE)
+
+ci-comment: install ## write build/ci/comment.md (gate table, curves, overlays) and post it on the PR
+	$(BIN)/python -m captioning.ci_comment --gate $(CI_DIR)/gate.md --out-dir $(CI_DIR) $(PLOT_BASE)
+
+record-base: ## copy this run's metrics and curves to build/ci/base (CI caches them for later PRs)
+	mkdir -p $(CI_DIR)/base
+	cp reports/metrics.json reports/train_history.csv $(CI_DIR)/base/
+
+clean: ## remove pipeline outputs (keeps data/raw downloads)
+	rm -rf data/interim data/features data/tokens models

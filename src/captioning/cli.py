@@ -1,0 +1,121 @@
+"""The `captioning` command: caption images, score a results file, gate a run's metrics.
+
+captioning caption IMG [IMG ...] [--model models/captioner.keras] [--decoder beam]
+captioning score RESULTS.json --annotations captions_val2014.json
+captioning gate [--base-ref main | --base-metrics BASE.json] [--out gate.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from captioning.inference import ImageCaptioner, ImageError
+
+    captioner = ImageCaptioner(args.model)
+    try:
+        result = captioner.caption_files(
+            args.images,
+            method=args.decoder,
+            beam_size=args.beam_size,
+            max_len=args.max_len,
+            batch_size=args.batch_size,
+        )
+    except ImageError as err:
+        print(f"captioning caption: {err}", file=sys.stderr)
+        return 2
+    for path, caption, score in zip(args.images, result.captions, result.scores, strict=True):
+        if args.json:
+            print(json.dumps({"image": path, "caption": caption, "score": float(score)}))
+        else:
+            print(f"{path}\t{caption}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from captioning import metrics
+
+    result = metrics.score_files(args.results, args.annotations)
+    if args.json:
+        print(json.dumps({"metrics": result.corpus, "skipped": result.skipped}, indent=2))
+    else:
+        print(metrics.format_table(result.corpus))
+        for name, reason in result.skipped.items():
+            print(f"{name}: skipped ({reason})")
+    return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from captioning import gate
+    from captioning.config import ConfigError, load_section
+
+    try:
+        result = gate.run_gate(
+            args.metrics,
+            load_section("gates", args.params),
+            base_ref=args.base_ref,
+            base_metrics_path=args.base_metrics,
+        )
+    except (gate.GateError, ConfigError, OSError) as err:
+        print(f"captioning gate: {err}", file=sys.stderr)
+        return 2
+    table = gate.markdown_table(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table, end="")
+    print(f"captioning {gate.summary(result)}", file=sys.stderr)
+    return result.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioning", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("caption", help="print a caption for each image file")
+    cap.add_argument("images", nargs="+", help="JPEG or PNG files")
+    cap.add_argument("--model", default="models/captioner.keras", help="trained .keras model")
+    cap.add_argument("--decoder", choices=["greedy", "sample", "beam"], default="greedy")
+    cap.add_argument("--beam-size", type=int, default=3)
+    cap.add_argument("--max-len", type=int, default=24, help="most words per caption")
+    cap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    cap.add_argument("--json", action="store_true", help="one JSON object per line")
+    cap.set_defaults(func=_caption)
+
+    score = sub.add_parser("score", help="score a COCO results file with coco-caption metrics")
+    score.add_argument("results", help="COCO results JSON: [{image_id, caption}]")
+    score.add_argument("--annotations", required=True, help="COCO captions annotation JSON")
+    score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    score.set_defaults(func=_score)
+
+    gate = sub.add_parser(
+        "gate",
+        help="check metrics against the floors in params.yaml and a base run; exit 1 on a failure",
+        description="Print a Markdown table (metric, base, PR, change, verdict) and exit 1 when a "
+        "metric is below its floor, drops more than its tolerance below the base, or is missing; "
+        "exit 2 when the gate cannot run. See docs/gates.md.",
+    )
+    gate.add_argument("--metrics", default="reports/metrics.json", help="the run's metrics JSON")
+    gate.add_argument("--params", default="params.yaml", help="params file with a `gates:` section")
+    base = gate.add_mutually_exclusive_group()
+    base.add_argument(
+        "--base-ref", help="git revision to compare with (`dvc metrics diff REF`), e.g. main"
+    )
+    base.add_argument("--base-metrics", help="the base run's metrics JSON file")
+    gate.add_argument("--out", help="also write the Markdown table to this file")
+    gate.set_defaults(func=_gate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Evaluation: caption a split, score it with coco-caption metrics, check the demo's grammar.
+
+`evaluate_split` is what the evaluate stage runs: batched decoding through
+`captioning.decode`, corpus and per-image scores through `captioning.metrics`,
+the same scores for one human reference against the others (how far the model
+is from people), and on the demo set the share of images whose generated
+caption names every object's kind, colour and position correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from captioning import metrics
+from captioning.config import EvaluateParams
+from captioning.data import demo
+from captioning.decode import CaptionDecoder, DecodeResult
+from captioning.features import FeatureStore
+from captioning.model import Captioner
+
+
+@dataclasses.dataclass
+class Evaluation:
+    image_ids: np.ndarray
+    decoded: DecodeResult
+    corpus: dict[str, float]
+    per_image: pd.DataFrame
+    skipped: dict[str, str]
+
+    @property
+    def predictions(self) -> list[dict]:
+        """COCO results format: [{"image_id", "caption"}], sorted by id."""
+        return [
+            {"image_id": int(i), "caption": c}
+            for i, c in zip(self.image_ids, self.decoded.captions, strict=True)
+        ]
+
+
+def references_by_image(table: pd.DataFrame, split: str) -> dict[int, list[str]]:
+    """{image_id: [raw reference captions]} for one split of the caption table."""
+    rows = table[table["split"] == split]
+    return {int(i): list(g["caption"]) for i, g in rows.groupby("image_id", sort=True)}
+
+
+def decode_images(
+    model: Captioner,
+    store: FeatureStore,
+    image_ids: np.ndarray,
+    params: EvaluateParams,
+    decoder: CaptionDecoder | None = None,
+) -> DecodeResult:
+    """Caption images by id with the decoding settings of `params`, in batches."""
+    decoder = decoder or CaptionDecoder(model)
+    parts = []
+    for start in range(0, len(image_ids), params.batch_size):
+        features = store.get(image_ids[start : start + params.batch_size])
+        parts.append(
+            decoder.decode(
+                features,
+                method=params.decoder,
+                max_len=params.max_len,
+                beam_size=params.beam_size,
+                temperature=params.temperature,
+                batch_size=params.batch_size,
+                seed=start,
+            )
+        )
+    return concat_results(parts)
+
+
+def concat_results(parts: list[DecodeResult]) -> DecodeResult:
+    """Join batch results; attention/token arrays are padded to the longest batch."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(a, value=0):
+        extra = [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+        return np.pad(a, extra, constant_values=value)
+
+    return DecodeResult(
+        tokens=np.concatenate([pad(p.tokens) for p in parts]),
+        captions=[c for p in parts for c in p.captions],
+        scores=np.concatenate([p.scores for p in parts]),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        attention=np.concatenate([pad(p.attention) for p in parts]),
+    )
+
+
+def evaluate_split(
+    model: Captioner,
+    store: FeatureStore,
+    table: pd.DataFrame,
+    params: EvaluateParams,
+    objects: dict[int, list[dict]] | None = None,
+) -> Evaluation:
+    """Decode `params.split`, score it, and (demo) check captions against the scene truth."""
+    references = references_by_image(table, params.split)
+    if not references:
+        raise ValueError(f"split {params.split!r} has no images in the caption table")
+    image_ids = np.asarray(sorted(references), dtype=np.int64)
+    decoded = decode_images(model, store, image_ids, params)
+    candidates = dict(zip(image_ids.tolist(), decoded.captions, strict=True))
+    scored = metrics.score(references, candidates)
+
+    per_image = pd.DataFrame(
+        {
+            "image_id": image_ids,
+            "caption": decoded.captions,
+            "words": decoded.lengths,
+            "log_prob": decoded.scores,
+        }
+    )
+    for name in ("BLEU-4", "CIDEr"):
+        per_image[name] = [scored.per_image[int(i)][name] for i in image_ids]
+    per_image["reference_words"] = [
+        float(np.mean([len(r.split()) for r in references[int(i)]])) for i in image_ids
+    ]
+    corpus = dict(scored.corpus)
+    if objects is not None:
+        correct = [demo.caption_correct(c, objects.get(int(i), [])) for i, c in candidates.items()]
+        per_image["objects_correct"] = correct
+        corpus["object_accuracy"] = float(np.mean(correct))
+    corpus["num_images"] = len(image_ids)
+    corpus["mean_words"] = float(decoded.lengths.mean())
+    human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))
+    corpus.update({f"human_{k}": v for k, v in human.items() if k in ("BLEU-4", "CIDEr")})
+    return Evaluation(image_ids, decoded, corpus, per_image, dict(scored.skipped))

@@ -1,0 +1,100 @@
+"""Captions for image files or bytes: extractor + captioner + decoder in one object.
+
+`ImageCaptioner` is what people and servers use: `captioning caption` and the
+MLflow pyfunc model both call it. It rebuilds the InceptionV3 extractor the
+model's features were made with (recorded in the model's config, with a digest
+checked so a different extractor cannot silently produce nonsense), runs the
+project's one image preprocessing, and decodes in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from captioning.decode import CaptionDecoder, DecodeResult, Method
+from captioning.features import build_extractor, preprocess_image, weights_digest
+from captioning.model import Captioner, load_captioner
+
+
+class ImageError(ValueError):
+    """An input is not a decodable image; the message names which one and why."""
+
+
+class ImageCaptioner:
+    """Caption raw images with a trained captioner and its extractor."""
+
+    def __init__(self, model: Captioner | str | Path, extractor=None):
+        self.model = model if isinstance(model, Captioner) else load_captioner(str(model))
+        config = self.model.model_config
+        if extractor is None:
+            extractor = build_extractor(
+                config.extractor_weights, config.image_size, config.extractor_seed
+            )
+            digest = weights_digest(extractor)
+            if config.extractor_digest and digest != config.extractor_digest:
+                raise ValueError(
+                    f"the rebuilt extractor ({config.extractor_weights!r}, seed "
+                    f"{config.extractor_seed}) is not the one the model was trained on: "
+                    f"digest {digest[:12]} != {config.extractor_digest[:12]}"
+                )
+        self.extractor = extractor
+        self.image_size = config.image_size
+        self.decoder = CaptionDecoder(self.model)
+        self._forward = tf.function(lambda x: self.extractor(x, training=False))
+
+    def preprocess(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+        """Decode and resize every image; (N, S, S, 3) float32. Bad images raise ImageError."""
+        names = names or [f"image {i}" for i in range(len(images))]
+        out = np.zeros((len(images), self.image_size, self.image_size, 3), np.float32)
+        for i, (data, name) in enumerate(zip(images, names, strict=True)):
+            if not data:
+                raise ImageError(f"{name}: empty input (0 bytes)")
+            try:
+                out[i] = preprocess_image(data, self.image_size).numpy()
+            except (tf.errors.InvalidArgumentError, ValueError) as err:
+                message = str(err).strip().splitlines()[0][:200]
+                raise ImageError(f"{name}: not a decodable JPEG/PNG image ({message})") from None
+        return out
+
+    def features(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """(N, S, S, 3) -> (N, L, 2048) float32."""
+        parts = [
+            self._forward(tf.convert_to_tensor(pixels[i : i + batch_size])).numpy()
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, 64, 2048), np.float32)
+
+    def caption_bytes(
+        self,
+        images: Sequence[bytes],
+        names: Sequence[str] | None = None,
+        method: Method = "greedy",
+        max_len: int = 24,
+        beam_size: int = 3,
+        batch_size: int = 32,
+        **kwargs,
+    ) -> DecodeResult:
+        """Captions for encoded images (JPEG/PNG bytes)."""
+        features = self.features(self.preprocess(images, names), batch_size)
+        return self.decoder.decode(
+            features,
+            method=method,
+            max_len=max_len,
+            beam_size=beam_size,
+            batch_size=batch_size,
+            **kwargs,
+        )
+
+    def caption_files(self, paths: Sequence[str | Path], **kwargs) -> DecodeResult:
+        """Captions for image files; a missing or unreadable file raises ImageError."""
+        data = []
+        for path in paths:
+            try:
+                data.append(Path(path).read_bytes())
+            except OSError as err:
+                raise ImageError(f"{path}: cannot read ({err.strerror})") from None
+        return self.caption_bytes(data, [str(p) for p in paths], **kwargs)

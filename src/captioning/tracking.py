@@ -1,0 +1,137 @@
+"""MLflow helpers: where runs go, what every run records, and the per-epoch logger.
+
+Train and evaluate log to the same run: train opens it and leaves its id in a
+small JSON file beside the model, evaluate reopens it. Every run carries the
+same parameter names (all params.yaml sections, flattened as `section.key`)
+and tags for the git commit, the DVC experiment name and the data hash, so runs
+line up column by column in the MLflow UI. The library never assumes a
+tracking server: the stage passes the repository root, and a sqlite file
+`mlflow.db` there is the default store (`MLFLOW_TRACKING_URI` overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import yaml
+
+DEFAULT_EXPERIMENT = "image-captioning"
+
+
+def tracking_uri(repo_root: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else an absolute sqlite URI to `<repo>/mlflow.db`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+
+
+def configure(repo_root: str | Path) -> str:
+    """Point MLflow at the store and experiment; returns the tracking URI."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = tracking_uri(repo_root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return uri
+
+
+def git_commit(repo_root: str | Path) -> str:
+    """HEAD's commit id, with `-dirty` when tracked files differ; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def dvc_output_hashes(lock_file: str | Path, paths: list[str]) -> dict[str, str]:
+    """md5s that `dvc.lock` records for the given outputs (those not locked yet are left out)."""
+    lock_file = Path(lock_file)
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    found = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") in paths and "md5" in out:
+                found[out["path"]] = out["md5"]
+    return found
+
+
+def run_tags(repo_root: str | Path, data_hashes: dict[str, str]) -> dict[str, str]:
+    """The tags every run carries, so runs are comparable and traceable."""
+    tags = {
+        "git_commit": git_commit(repo_root),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+    }
+    for path, md5 in sorted(data_hashes.items()):
+        tags[f"data_hash.{path}"] = md5
+    if data_hashes:
+        tags["data_hash"] = "+".join(md5[:8] for _, md5 in sorted(data_hashes.items()))
+    return tags
+
+
+def save_run_ref(path: str | Path, run: Any, key: str = "") -> None:
+    """Leave the run id where the next stage (evaluate) finds it; `key` names its settings."""
+    ref = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "key": key}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(ref, indent=2) + "\n")
+
+
+def resume_run(
+    path: str | Path, unfinished_only: bool = False, key: str | None = None
+) -> str | None:
+    """The run id saved by `save_run_ref` if that run exists in the current store.
+
+    unfinished_only: only a run that did not end cleanly (killed, failed);
+    key: only a run saved with the same settings key.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    ref = json.loads(path.read_text())
+    if key is not None and ref.get("key") != key:
+        return None
+    run_id = ref.get("run_id")
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a run from another store is simply not resumable
+        return None
+    if unfinished_only and run.info.status == "FINISHED":
+        return None
+    return run_id
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as `section.key` names (MLflow params are flat strings)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs each epoch's Keras metrics (loss, val_loss, ...) to the active MLflow run."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        mlflow.log_metrics(metrics, step=epoch + 1)

@@ -1,0 +1,1 @@
+"""Thin command-line entry points, one per DVC stage (`python -m stages.<name>`)."""

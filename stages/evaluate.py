@@ -1,0 +1,61 @@
+"""Stage `evaluate`: caption the evaluation split, score it, log to the training run."""
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from captioning import tracking
+from captioning.config import load_section
+from captioning.data import demo
+from captioning.data.sources import read_dataset_ref
+from captioning.evaluation import evaluate_split
+from captioning.features import FeatureStore
+from captioning.model import load_captioner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--raw", required=True, help="download output (finds demo object boxes)")
+    parser.add_argument("--run", required=True, help="JSON naming the training MLflow run")
+    parser.add_argument("--predictions", required=True, help="COCO results JSON to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--per-image", required=True, help="per-image scores CSV to write")
+    args = parser.parse_args()
+    params = load_section("evaluate")
+
+    dataset = read_dataset_ref(args.raw)
+    objects = None
+    if dataset["source"] == "demo":
+        annotations = Path(dataset["root"]) / "annotations"
+        objects = {
+            **demo.load_objects(annotations / "instances_train2014.json"),
+            **demo.load_objects(annotations / "instances_val2014.json"),
+        }
+    result = evaluate_split(
+        load_captioner(args.model),
+        FeatureStore(args.features),
+        pd.read_parquet(args.table),
+        params,
+        objects,
+    )
+    Path(args.predictions).write_text(json.dumps(result.predictions, indent=1) + "\n")
+    result.per_image.to_csv(args.per_image, index=False, float_format="%.6f")
+    report = {**result.corpus, "skipped": result.skipped, "decoder": params.decoder}
+    Path(args.metrics).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    tracking.configure(Path.cwd())
+    with mlflow.start_run(run_id=tracking.resume_run(args.run)):
+        mlflow.log_metrics({f"{params.split}.{k}": float(v) for k, v in result.corpus.items()})
+        for path in (args.metrics, args.per_image, args.predictions):
+            mlflow.log_artifact(path)
+    print(json.dumps(result.corpus, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

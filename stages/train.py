@@ -1,0 +1,68 @@
+"""Stage `train`: fit the captioner on cached features, logging to a new MLflow run."""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+
+from captioning import tracking
+from captioning.config import load_section, read_params
+from captioning.features import FeatureStore
+from captioning.text import Vocabulary
+from captioning.training import CaptionSet, fit_captioner, save_model, settings_fingerprint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--model", required=True, help="output .keras file")
+    parser.add_argument("--checkpoints", required=True, help="per-epoch state, kept for resuming")
+    parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
+    parser.add_argument("--run", required=True, help="output JSON naming the MLflow run")
+    args = parser.parse_args()
+    params = load_section("train")
+    repo = Path.cwd()
+
+    tokens = Path(args.tokens)
+    store = FeatureStore(args.features)
+    vocabulary = Vocabulary.from_json((tokens / "vocab.json").read_text())
+    train, val = CaptionSet.load(tokens, "train"), CaptionSet.load(tokens, "val")
+
+    tracking.configure(repo)
+    checkpoints = Path(args.checkpoints)
+    # A killed run is continued in the same MLflow run; a finished one is never reopened.
+    all_params = tracking.flatten(read_params())
+    key = settings_fingerprint(all_params)
+    previous = tracking.resume_run(checkpoints / "mlflow_run.json", unfinished_only=True, key=key)
+    with mlflow.start_run(run_id=previous) as run:
+        tracking.save_run_ref(checkpoints / "mlflow_run.json", run, key)
+        mlflow.log_params(all_params)
+        hashes = tracking.dvc_output_hashes(
+            repo / "dvc.lock", ["data/interim/captions.parquet", "data/features", "data/tokens"]
+        )
+        mlflow.set_tags(tracking.run_tags(repo, hashes))
+        extractor = json.loads((Path(args.features) / "extractor.json").read_text())
+        model, summary = fit_captioner(
+            store,
+            vocabulary,
+            train,
+            val,
+            params,
+            extractor,
+            checkpoints,
+            args.history,
+            callbacks=[tracking.EpochLogger()],
+        )
+        save_model(model, args.model)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        mlflow.log_artifact(str(tokens / "vocab.json"))
+        mlflow.log_artifact(args.history)
+    shutil.copyfile(checkpoints / "mlflow_run.json", args.run)
+    print(f"train: {summary} (MLflow run {run.info.run_id})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The DVC pipeline end to end: `dvc repro` in a throwaway git repo, real MLflow, real CLI.
+
+One tiny demo project is reproduced once per module and then read from many
+angles: every declared output exists, metrics and predictions have the agreed
+shape, features are float16 shards, the MLflow run holds params, per-epoch and
+test metrics, tags and artifacts, `captioning caption` agrees with evaluate,
+and a second `dvc repro` has nothing to do. The experiment tests come last
+because they change that project (a committed baseline, `dvc exp run -S`).
+A second project runs the pipeline on a COCO-layout folder (`data.source: local`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_fixtures import (
+    REPO_ROOT,
+    VENV_BIN,
+    Project,
+    declared_outputs,
+    describe,
+    flatten,
+    make_project,
+    write_coco_folder,
+)
+
+pytestmark = pytest.mark.slow
+
+STAGES = sorted(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
+
+COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+HUMAN_METRICS = ("human_BLEU-4", "human_CIDEr")
+EXPERIMENT = "image-captioning"
+
+
+class Reproduced(NamedTuple):
+    project: Project
+    log: str  # stdout + stderr of the first `dvc repro`
+    seconds: float
+
+
+def _repro(project: Project) -> Reproduced:
+    start = time.monotonic()
+    done = project.dvc("repro")
+    return Reproduced(project, done.stdout + done.stderr, time.monotonic() - start)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Reproduced:
+    """The tiny demo pipeline, reproduced once for the whole module."""
+    return _repro(make_project(tmp_path_factory.mktemp("demo")))
+
+
+def _stages_run(log: str) -> list[str]:
+    """Names of the stages a `dvc repro` / `dvc exp run` log says it ran, sorted."""
+    return sorted(re.findall(r"Running stage '([^']+)'", log))
+
+
+def _client(project: Project) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=project.tracking_uri)
+
+
+def _runs(project: Project) -> list:
+    client = _client(project)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no MLflow experiment {EXPERIMENT!r} in {project.tracking_uri}"
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _check_corpus_metrics(metrics: dict[str, Any], names) -> None:
+    for name in names:
+        assert name in metrics, f"{name} missing from metrics.json: {metrics}"
+        value = metrics[name]
+        assert isinstance(value, float), f"{name}={value!r} is not a float"
+        assert 0.0 <= value <= 10.0, f"{name}={value} outside [0, 10]"
+
+
+# --- the demo pipeline --------------------------------------------------------------------------
+
+
+def test_repro_runs_every_stage_and_writes_every_declared_output(demo):
+    root = demo.project.root
+    assert _stages_run(demo.log) == STAGES, demo.log[-3000:]
+    missing = [p for p in declared_outputs(root / "dvc.yaml") if not (root / p).exists()]
+    assert not missing, f"declared in dvc.yaml but not written: {missing}"
+    print(f"first dvc repro: {demo.seconds:.0f} s")
+
+
+def test_metrics_json_has_every_score(demo):
+    metrics = json.loads((demo.project.root / "reports" / "metrics.json").read_text())
+    _check_corpus_metrics(metrics, (*COCO_METRICS, "object_accuracy", *HUMAN_METRICS))
+    assert metrics["object_accuracy"] <= 1.0
+    assert metrics["decoder"] == "greedy"
+
+
+def test_predictions_cover_the_test_split(demo):
+    root = demo.project.root
+    table = pd.read_parquet(root / "data" / "interim" / "captions.parquet")
+    test_ids = set(table.loc[table["split"] == "test", "image_id"].astype(int))
+    assert test_ids, "the tiny demo has no test images"
+    predictions = json.loads((root / "reports" / "predictions_test.json").read_text())
+    assert isinstance(predictions, list)
+    for p in predictions:
+        assert set(p) >= {"image_id", "caption"}, p
+        assert isinstance(p["image_id"], int) and isinstance(p["caption"], str), p
+    ids = [p["image_id"] for p in predictions]
+    assert len(ids) == len(set(ids)), "an image is captioned twice"
+    assert set(ids) == test_ids
+
+
+def test_features_are_float16_shards(demo):
+    root = demo.project.root
+    features = root / "data" / "features"
+    shards = sorted(features.glob("*.npy"))
+    assert shards, f"no shards in {features}: {sorted(p.name for p in features.iterdir())}"
+    rows = 0
+    for shard in shards:
+        array = np.load(shard, mmap_mode="r")
+        assert array.dtype == np.float16, (shard.name, array.dtype)
+        assert array.ndim == 3 and array.shape[1:] == (64, 2048), (shard.name, array.shape)
+        assert 0 < array.shape[0] <= 16, f"{shard.name}: {array.shape[0]} rows > shard_size 16"
+        rows += array.shape[0]
+    table = pd.read_parquet(root / "data" / "interim" / "captions.parquet")
+    assert rows == table["image_id"].nunique()
+    index = pd.read_parquet(features / "index.parquet")
+    assert set(index["image_id"]) == set(table["image_id"])
+
+
+def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
+    project = demo.project
+    client = _client(project)
+    runs = _runs(project)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+
+    # Every params.yaml key, flattened; MLflow keeps values as strings.
+    expected = {k: str(v) for k, v in flatten(project.params()).items()}
+    missing = sorted(set(expected) - set(run.data.params))
+    assert not missing, f"params not logged: {missing}"
+    differ = {k: (v, run.data.params[k]) for k, v in expected.items() if run.data.params[k] != v}
+    assert not differ, f"logged params differ from params.yaml (yaml, mlflow): {differ}"
+    assert run.data.params["train.epochs"] == "2"
+
+    for name in ("loss", "val_loss"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [1, 2], (name, history)
+
+    metrics = json.loads((project.root / "reports" / "metrics.json").read_text())
+    for name in (*COCO_METRICS, "object_accuracy", *HUMAN_METRICS):
+        assert run.data.metrics.get(f"test.{name}") == pytest.approx(metrics[name], abs=1e-9), name
+
+    head = project.head()
+    assert run.data.tags.get("git_commit", "").startswith(head), (run.data.tags, head)
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())
+    locked = {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if "md5" in out
+    }
+    for path in ("data/interim/captions.parquet", "data/features", "data/tokens"):
+        assert run.data.tags.get(f"data_hash.{path}") == locked[path], path
+    assert run.data.tags.get("data_hash"), run.data.tags
+
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"vocab.json", "metrics.json", "attention"} <= top, top
+    attention = {a.path for a in client.list_artifacts(run.info.run_id, "attention")}
+    assert "attention/index.html" in attention, attention
+
+
+def test_cli_captions_match_evaluate(demo):
+    project = demo.project
+    table = pd.read_parquet(project.root / "data" / "interim" / "captions.parquet")
+    paths = table.drop_duplicates("image_id").set_index("image_id")["path"]
+    predictions = json.loads((project.root / "reports" / "predictions_test.json").read_text())
+    chosen = sorted(predictions, key=lambda p: p["image_id"])[:2]
+    images = [paths[p["image_id"]] for p in chosen]
+
+    done = project.run(VENV_BIN / "captioning", "caption", *images)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(images), describe(done)
+    for line, image, prediction in zip(lines, images, chosen, strict=True):
+        shown_path, caption = line.split("\t")
+        assert shown_path == image
+        assert caption == prediction["caption"], (image, caption, prediction)
+
+
+def test_nothing_to_do_after_repro(demo):
+    project = demo.project
+    status = project.dvc("status", "--json")
+    assert json.loads(status.stdout) == {}, status.stdout
+
+    again = project.dvc("repro")
+    log = again.stdout + again.stderr
+    assert _stages_run(log) == [], log
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change" in log, log
+
+
+# --- a local folder in the COCO 2014 layout -----------------------------------------------------
+
+
+def test_local_coco_folder(tmp_path):
+    coco = tmp_path / "coco"
+    written = write_coco_folder(coco, n_train=8, n_val=6)
+    project = make_project(tmp_path / "pipeline", {"data.source": "local", "data.path": str(coco)})
+    reproduced = _repro(project)
+    assert _stages_run(reproduced.log) == STAGES, reproduced.log[-3000:]
+    print(f"local dvc repro: {reproduced.seconds:.0f} s")
+
+    root = project.root
+    table = pd.read_parquet(root / "data" / "interim" / "captions.parquet")
+    by_split = table.drop_duplicates("image_id").groupby("split")["image_id"].apply(set)
+    assert by_split["train"] == set(written["train2014"])
+    assert by_split["val"] | by_split["test"] == set(written["val2014"])
+    assert all(Path(p).name.startswith("COCO_") for p in table["path"])
+
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    _check_corpus_metrics(metrics, (*COCO_METRICS, *HUMAN_METRICS))
+    assert "object_accuracy" not in metrics, "object accuracy is a demo-only score"
+    predictions = json.loads((root / "reports" / "predictions_test.json").read_text())
+    assert {p["image_id"] for p in predictions} == by_split["test"]
+
+
+# --- experiments (these change the demo project: keep them last) --------------------------------
+
+
+def _experiments(shown: list[dict]) -> dict[str, dict]:
+    """{experiment name: flattened params.yaml} from `dvc exp show --json` (DVC 3 layout)."""
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                data = rev.get("data") or {}
+                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+                found[rev.get("name") or experiment.get("name") or rev["rev"]] = flatten(params)
+    return found
+
+
+def test_experiment_with_overrides(demo):
+    project = demo.project
+    project.commit_all("baseline: tiny demo reproduced")  # dvc.lock and DVC's .gitignore entries
+
+    done = project.dvc("exp", "run", "-S", "train.learning_rate=0.002", "-S", "train.epochs=1")
+    log = done.stdout + done.stderr
+    assert _stages_run(log) == ["evaluate", "report", "train"], log
+
+    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
+    experiments = _experiments(shown)
+    assert len(experiments) == 1, experiments
+    ((name, params),) = experiments.items()
+    assert params["train.learning_rate"] == 0.002 and params["train.epochs"] == 1, params
+
+    runs = _runs(project)
+    assert len(runs) == 2, [r.info.run_id for r in runs]
+    latest = runs[-1]
+    assert latest.data.params["train.learning_rate"] == "0.002"
+    assert latest.data.tags.get("dvc_experiment") == name, latest.data.tags
+    history = _client(project).get_metric_history(latest.info.run_id, "loss")
+    assert [m.step for m in history] == [1]
+
+
+def test_unknown_param_override_fails_loudly(demo):
+    project = demo.project
+    try:
+        _check_unknown_param_override(project)
+    finally:
+        # A failed workspace experiment leaves its params.yaml behind.
+        project.git("checkout", "--", "params.yaml")
+
+
+def _check_unknown_param_override(project: Project) -> None:
+    # DVC refuses to add a key without hydra's `+`; the message names the key.
+    refused = project.dvc("exp", "run", "-S", "train.lerning_rate=1", check=False)
+    assert refused.returncode != 0, describe(refused)
+    assert "lerning_rate" in refused.stdout + refused.stderr, describe(refused)
+    assert _stages_run(refused.stdout + refused.stderr) == [], describe(refused)
+
+    # With `+` DVC writes the key, and our params loader stops the train stage
+    # before it opens an MLflow run.
+    runs_before = len(_runs(project))
+    added = project.dvc("exp", "run", "-S", "+train.lerning_rate=1", check=False)
+    output = added.stdout + added.stderr
+    assert added.returncode != 0, describe(added)
+    assert "unknown key(s) in params section 'train'" in output, describe(added)
+    assert "lerning_rate" in output, describe(added)
+    assert len(_runs(project)) == runs_before
