@@ -83,6 +83,8 @@ class TrainParams:
     attention_penalty: float = 1.0
     early_stopping_patience: int = 3
     seed: int = 42
+    jit_compile: bool = True
+    deterministic: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,8 +108,11 @@ class BahdanauAttention(layers.Layer):
         return self.W1(features)  # (B, L, A)
 
     def attend(self, features, projected, hidden):
-        score = self.V(tf.tanh(projected + self.W2(hidden)[:, None, :]))  # (B, L, 1)
-        weights = tf.nn.softmax(score[..., 0], axis=-1)  # (B, L)
+        energy = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, L, A)
+        # V as an einsum rather than Dense on a 3-D tensor: same weights, and it
+        # keeps the loop body free of dynamic-shape tensordots (XLA-friendly).
+        score = tf.einsum("bla,ao->blo", energy, self.V.kernel)[..., 0] + self.V.bias[0]  # (B, L)
+        weights = tf.nn.softmax(score, axis=-1)  # (B, L)
         context = tf.einsum("bl,ble->be", weights, features)  # (B, E)
         return context, weights
 

@@ -41,7 +41,7 @@ IMAGE_SIZE = 299
 CAPTIONS_PER_IMAGE = 5
 MARKER_NAME = "demo_params.json"
 # Bump when the generator's output changes, so an old folder is not mistaken for current.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # Every word maps back to exactly one canonical name; the parser relies on that.
 KIND_WORDS = {
@@ -221,7 +221,9 @@ def _listing(items: list[str], rng: np.random.Generator) -> str:
 
 
 def _one_caption(objects: list[dict], rng: np.random.Generator) -> str:
-    objs = [objects[i] for i in rng.permutation(len(objects))]
+    # Objects are named in reading order (top left to bottom right), as people
+    # tend to describe a scene; the wording around them varies.
+    objs = sorted(objects, key=lambda o: POSITIONS.index(o["position"]))
     n, style = len(objs), int(rng.integers(3))
     if style == 0:  # a list of noun phrases, each followed by its position
         body = _listing(
