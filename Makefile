@@ -45,7 +45,7 @@ lint: install ## ruff check and format check
 bench: install ## print the speed and memory benchmarks (see README)
 	$(BIN)/python -m benchmarks.run
 
-# --- CI: .github/workflows/ci.yml runs these same targets (docs/gates.md) ---
+# --- CI: .github/workflows/ci.yml runs these same targets (the README, "Pull requests and quality gates") ---
 CI_DIR := build/ci
 # The CI-sized demo run, as `dvc exp run -S` overrides: a few minutes on a CI runner.
 CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.epochs=8 report.num_images=3

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check metrics against the floors in params.yaml and a base run; exit 1 on a failure",
         description="Print a Markdown table (metric, base, PR, change, verdict) and exit 1 when a "
         "metric is below its floor, drops more than its tolerance below the base, or is missing; "
-        "exit 2 when the gate cannot run. See docs/gates.md.",
+        "exit 2 when the gate cannot run. See the README, section 'Pull requests and quality gates'.",
     )
     gate.add_argument("--metrics", default="reports/metrics.json", help="the run's metrics JSON")
     gate.add_argument("--params", default="params.yaml", help="params file with a `gates:` section")
