@@ -10,12 +10,15 @@ import the `captioning` package installed from this checkout; the copy of src/
 is there because dvc.yaml lists its files as dependencies.
 
 `write_coco_folder` writes a tiny data set in the real COCO 2014 layout (file
-naming and annotation schema) for the `data.source: local` path.
+naming and annotation schema) for the `data.source: local` path, and
+`add_problem_cases` adds the awkward files and annotations validate must handle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import itertools
 import json
 import os
 import random
@@ -299,3 +302,92 @@ def write_coco_folder(root: Path, n_train: int = 8, n_val: int = 6, seed: int = 
         path = root / "annotations" / f"captions_{split}.json"
         path.write_text(json.dumps(document))
     return written
+
+
+# --- the awkward cases the validate stage handles -----------------------------------------------
+
+# name -> (folder, image id); ids far above write_coco_folder's (< 600 000), so they never clash.
+PROBLEM_CASES: dict[str, tuple[str, int]] = {
+    "grayscale": ("train2014", 900_001),  # mode L JPEG, and one whitespace-only caption
+    "cmyk": ("val2014", 900_002),  # CMYK JPEG
+    "png_as_jpg": ("val2014", 900_003),  # PNG bytes under a .jpg name
+    "truncated": ("train2014", 900_004),  # a JPEG cut in half
+    "zero_byte": ("val2014", 900_005),  # an empty file
+    "missing": ("val2014", 900_006),  # annotated, but no file at all
+}
+KEPT_CASES = ("grayscale", "cmyk", "png_as_jpg")
+QUARANTINE_REASONS = {"truncated": "truncated", "zero_byte": "empty_file"}
+BLANK_CAPTION = " \t "
+
+
+def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    """`image` saved in `fmt` (JPEG, PNG, ...) as bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def coco_file_name(folder: str, image_id: int) -> str:
+    return f"COCO_{folder}_{image_id:012d}.jpg"
+
+
+def _problem_bytes(case: str, image: Image.Image) -> bytes | None:
+    """The file content of one of `PROBLEM_CASES` made from an RGB `image`; None: no file."""
+    if case == "grayscale":
+        return encode(image.convert("L"), "JPEG", quality=90)
+    if case == "cmyk":
+        return encode(image.convert("CMYK"), "JPEG", quality=90)
+    if case == "png_as_jpg":
+        return encode(image, "PNG")
+    if case == "truncated":
+        jpeg = encode(image, "JPEG", quality=90)
+        return jpeg[: len(jpeg) // 2]
+    if case == "zero_byte":
+        return b""
+    assert case == "missing", case
+    return None
+
+
+def add_problem_cases(root: Path, seed: int = 1) -> dict[str, int]:
+    """Add `PROBLEM_CASES` to a folder from `write_coco_folder`: files and annotations.
+
+    Each case but `missing` gets a file; each gets an entry in its folder's
+    annotation file with five ordinary captions, and `grayscale` also a
+    `BLANK_CAPTION`. Returns {case: image_id}.
+    """
+    rng = random.Random(seed)
+
+    def scene() -> tuple[Image.Image, list[str]]:
+        colour, shape = rng.choice(sorted(_COLOURS)), rng.choice(_SHAPES)
+        captions = [t.format(colour=colour, shape=shape) for t in _TEMPLATES]
+        return _scene(rng, 64, 48, colour, shape), captions
+
+    contents: dict[str, bytes | None] = {}
+    captions: dict[str, list[str]] = {}
+    for case in PROBLEM_CASES:
+        image, captions[case] = scene()
+        contents[case] = _problem_bytes(case, image)
+    captions["grayscale"].insert(2, BLANK_CAPTION)
+
+    documents = {
+        folder: json.loads((root / "annotations" / f"captions_{folder}.json").read_text())
+        for folder in ("train2014", "val2014")
+    }
+    # Annotation ids are unique across both files, as in COCO.
+    annotation_ids = itertools.count(
+        1 + max(a["id"] for d in documents.values() for a in d["annotations"])
+    )
+    for case, (folder, image_id) in PROBLEM_CASES.items():
+        name = coco_file_name(folder, image_id)
+        if contents[case] is not None:
+            (root / folder / name).write_bytes(contents[case])
+        documents[folder]["images"].append(
+            {"license": 1, "file_name": name, "height": 48, "width": 64, "id": image_id}
+        )
+        documents[folder]["annotations"] += [
+            {"image_id": image_id, "id": next(annotation_ids), "caption": caption}
+            for caption in captions[case]
+        ]
+    for folder, document in documents.items():
+        (root / "annotations" / f"captions_{folder}.json").write_text(json.dumps(document))
+    return {case: image_id for case, (_, image_id) in PROBLEM_CASES.items()}

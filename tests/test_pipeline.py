@@ -6,7 +6,10 @@ shape, features are float16 shards, the MLflow run holds params, per-epoch and
 test metrics, tags and artifacts, `captioning caption` agrees with evaluate,
 and a second `dvc repro` has nothing to do. The experiment tests come last
 because they change that project (a committed baseline, `dvc exp run -S`).
-A second project runs the pipeline on a COCO-layout folder (`data.source: local`).
+A second project runs the pipeline on a COCO-layout folder (`data.source: local`),
+and a third on one that also holds the awkward files and annotations validate
+quarantines or drops (grayscale, CMYK, PNG-as-.jpg, truncated, empty, blank
+caption, missing file).
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ import pytest
 import yaml
 
 from pipeline_fixtures import (
+    BLANK_CAPTION,
+    KEPT_CASES,
+    PROBLEM_CASES,
+    QUARANTINE_REASONS,
     REPO_ROOT,
     VENV_BIN,
     Project,
+    add_problem_cases,
+    coco_file_name,
     declared_outputs,
     describe,
     flatten,
@@ -231,6 +240,82 @@ def test_local_coco_folder(tmp_path):
     assert "object_accuracy" not in metrics, "object accuracy is a demo-only score"
     predictions = json.loads((root / "reports" / "predictions_test.json").read_text())
     assert {p["image_id"] for p in predictions} == by_split["test"]
+
+
+def test_local_coco_folder_with_problem_files(tmp_path):
+    coco = tmp_path / "coco"
+    written = write_coco_folder(coco, n_train=10, n_val=6)
+    cases = add_problem_cases(coco)
+    project = make_project(
+        tmp_path / "pipeline",
+        {
+            "data.source": "local",
+            "data.path": str(coco),
+            # 2 of 21 images are quarantined, above the default 5%.
+            "validate.max_quarantine_fraction": 0.3,
+        },
+    )
+    reproduced = _repro(project)
+    assert _stages_run(reproduced.log) == STAGES, reproduced.log[-3000:]
+    print(f"problem-files dvc repro: {reproduced.seconds:.0f} s")
+    root = project.root
+
+    # The quarantine report lists exactly the truncated and the empty file, with reasons.
+    quarantine = json.loads((root / "reports" / "quarantine.json").read_text())
+    expected = sorted(
+        (cases[case], coco_file_name(PROBLEM_CASES[case][0], cases[case]), reason)
+        for case, reason in QUARANTINE_REASONS.items()
+    )
+    assert [(q["image_id"], q["file_name"], q["reason"]) for q in quarantine] == expected
+    assert all(set(q) == {"image_id", "file_name", "reason", "detail"} for q in quarantine)
+    details = {q["image_id"]: q["detail"] for q in quarantine}
+    assert "truncated" in details[cases["truncated"]].lower(), details
+    assert details[cases["zero_byte"]] == "0 bytes", details
+
+    # Grayscale, CMYK and PNG-as-.jpg are kept, with their decoded sizes; no blank caption.
+    table = pd.read_parquet(root / "data" / "interim" / "captions.parquet")
+    images = table.drop_duplicates("image_id").set_index("image_id")
+    ordinary = set(written["train2014"]) | set(written["val2014"])
+    kept = {cases[case] for case in KEPT_CASES}
+    assert set(images.index) == ordinary | kept
+    for image_id in kept:
+        assert (images.loc[image_id, "width"], images.loc[image_id, "height"]) == (64, 48)
+    assert table["caption"].str.strip().ne("").all()
+    assert BLANK_CAPTION not in set(table["caption"])
+    assert (table["image_id"] == cases["grayscale"]).sum() == 5  # its five real captions
+
+    # The validation report counts the dropped annotation, the blank caption and the quarantine.
+    report = json.loads((root / "reports" / "validation" / "result.json").read_text())
+    assert report["success"] is True, report["hard_failures"]
+    counts = report["counts"]
+    missing_name = coco_file_name(PROBLEM_CASES["missing"][0], cases["missing"])
+    assert counts["layout"]["missing_image_files"] == 1, counts["layout"]
+    assert counts["layout"]["missing_image_examples"] == [missing_name]
+    assert counts["layout"]["missing_image_captions"] == 5
+    assert counts["captions"]["blank_captions"] == 1 and counts["captions"]["null_captions"] == 0
+    assert counts["images_checked"] == len(ordinary) + len(kept) + len(QUARANTINE_REASONS)
+    assert counts["images_quarantined"] == len(QUARANTINE_REASONS)
+    assert counts["quarantine_reasons"] == {"empty_file": 1, "truncated": 1}
+    assert counts["images_kept"] == len(ordinary) + len(kept)
+
+    # Every kept image, the awkward ones included, has finite float16 features.
+    features = root / "data" / "features"
+    index = pd.read_parquet(features / "index.parquet").set_index("image_id")
+    assert set(index.index) == set(images.index)
+    for image_id in kept:
+        shard, row = index.loc[image_id, ["shard", "row"]]
+        vector = np.load(features / shard, mmap_mode="r")[row]
+        assert vector.dtype == np.float16 and np.isfinite(vector).all(), image_id
+
+    # Predictions cover the kept test images, at least one of the awkward ones among them.
+    test_ids = set(images.index[images["split"] == "test"])
+    assert test_ids & kept, f"no awkward image in the test split: {sorted(test_ids)}"
+    predictions = json.loads((root / "reports" / "predictions_test.json").read_text())
+    ids = [p["image_id"] for p in predictions]
+    assert len(ids) == len(set(ids)) and set(ids) == test_ids
+
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    _check_corpus_metrics(metrics, (*COCO_METRICS, *HUMAN_METRICS))
 
 
 # --- experiments (these change the demo project: keep them last) --------------------------------
