@@ -387,7 +387,7 @@ def bench_train(ws: Workspace) -> Result:
         for _ in range(count)
     ]
     model = _tutorial_model(vocab)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)  # as the train stage
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)  # as the train stage (train.jit_compile)
 
     # The one-step loop and the scan must compute the same thing, or the comparison is moot.
     features, tokens = data[0]
@@ -489,7 +489,7 @@ def child_main(kind: str, config: dict) -> None:
             captions = CaptionSet(_fake_tokens(len(ids), config["vocab_size"], rng), ids)
             model = _tutorial_model(config["vocab_size"])
             model.encoder.set_feature_stats(*store.feature_stats("train"))  # as fit_captioner
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
             batches = caption_batches(store, captions, TRAIN_BATCH, seed=0).take(config["steps"])
             batches = batches.apply(tf.data.experimental.assert_cardinality(config["steps"]))
             model.fit(batches, shuffle=False, verbose=0)

@@ -27,8 +27,8 @@ class DataParams:
     source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
     path: str | None = None
     seed: int = 2014
-    demo_train_images: int = 1000
-    demo_val_images: int = 300
+    demo_train_images: int = 800
+    demo_val_images: int = 240
     # Downloaded sources (captioning.data.fetch); None means the official host/URL.
     base_url: str | None = None
     subset: int | None = None
@@ -68,7 +68,7 @@ class FeaturesParams:
 @dataclasses.dataclass(frozen=True)
 class TokenizeParams:
     vocab_size: int = 5000
-    max_len: int = 24
+    max_len: int = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class EvaluateParams:
     decoder: Literal["greedy", "sample", "beam"] = "greedy"
     beam_size: int = 3
     temperature: float = 1.0
-    max_len: int = 24
+    max_len: int = 40
     batch_size: int = 64
 
 

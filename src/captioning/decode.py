@@ -165,6 +165,9 @@ class CaptionDecoder:
                 shape_invariants=[
                     (history, tf.TensorShape([None, k, None])),
                     (att_history, tf.TensorShape([None, k, None, None])),
+                    # Gathers lose the static batch size a caller's tensor may carry.
+                    (state, tf.TensorShape([None, None])),
+                    (tokens, tf.TensorShape([None])),
                 ]
             )
             logits, state, weights = decoder.step(tokens, state, encoded, projected)

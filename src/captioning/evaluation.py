@@ -4,7 +4,8 @@
 `captioning.decode`, corpus and per-image scores through `captioning.metrics`,
 the same scores for one human reference against the others (how far the model
 is from people), and on the demo set the share of images whose generated
-caption names every object's kind, colour and position correctly.
+caption names every object's kind, colour and position correctly, and how much
+of each named object's attention falls inside its box (`captioning.grounding`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from captioning.config import EvaluateParams
 from captioning.data import demo
 from captioning.decode import CaptionDecoder, DecodeResult
 from captioning.features import FeatureStore
+from captioning.grounding import grounding_scores
 from captioning.model import Captioner
 
 
@@ -122,6 +124,13 @@ def evaluate_split(
         correct = [demo.caption_correct(c, objects.get(int(i), [])) for i, c in candidates.items()]
         per_image["objects_correct"] = correct
         corpus["object_accuracy"] = float(np.mean(correct))
+        corpus.update(
+            grounding_scores(
+                decoded.captions,
+                [decoded.attention_for(i) for i in range(len(image_ids))],
+                [objects.get(int(i), []) for i in image_ids],
+            )
+        )
     corpus["num_images"] = len(image_ids)
     corpus["mean_words"] = float(decoded.lengths.mean())
     human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))

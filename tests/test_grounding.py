@@ -1,0 +1,41 @@
+"""Attention grounding: box coverage on the attention grid and per-noun attention mass."""
+
+import numpy as np
+import pytest
+
+from captioning.grounding import box_coverage, grounding_scores, noun_groundings
+
+OBJECTS = [
+    {"kind": "circle", "colour": "red", "position": "top left", "bbox": [0, 0, 74.75, 74.75]},
+    {"kind": "star", "colour": "blue", "position": "bottom right", "bbox": [224.25, 224.25, 74.75, 74.75]},
+]
+
+
+def test_box_coverage_counts_partial_cells():
+    cov = box_coverage([0, 0, 74.75, 74.75], grid=8)  # exactly the top-left 2x2 cells
+    assert cov.shape == (64,)
+    np.testing.assert_allclose(cov.reshape(8, 8)[:2, :2], 1.0)
+    assert cov.sum() == pytest.approx(4.0)
+    half = box_coverage([0, 0, 299 / 16, 299 / 8], grid=8)
+    assert half[0] == pytest.approx(0.5) and half[1] == 0
+
+
+def test_attention_on_the_named_box_scores_one_and_uniform_scores_the_area():
+    caption = "a red circle in the top left corner and a blue star in the bottom right corner"
+    words = caption.split()
+    focused = np.zeros((len(words), 64))
+    focused[words.index("circle"), box_coverage(OBJECTS[0]["bbox"], 8) > 0] = 0.25
+    focused[words.index("star"), box_coverage(OBJECTS[1]["bbox"], 8) > 0] = 0.25
+    pairs = noun_groundings(caption, focused, OBJECTS)
+    assert [round(m, 6) for m, _ in pairs] == [1.0, 1.0]
+    uniform = np.full((len(words), 64), 1 / 64)
+    scores = grounding_scores([caption], [uniform], [OBJECTS])
+    assert scores["grounding"] == pytest.approx(scores["grounding_chance"])
+    assert scores["grounding_chance"] == pytest.approx(4 / 64)
+    assert scores["grounded_nouns"] == 2
+
+
+def test_wrong_mentions_are_not_grounded():
+    caption = "a green circle in the top left corner"  # wrong colour: no such object
+    assert noun_groundings(caption, np.full((8, 64), 1 / 64), OBJECTS) == []
+    assert grounding_scores([caption], [np.zeros((8, 64))], [OBJECTS])["grounded_nouns"] == 0
