@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install init repro test test-fast lint bench serve gate clean \
+.PHONY: help install init repro test test-fast lint bench bench-serve serve gate clean \
 	repro-ci ci-comment record-base
 
 help: ## list the targets
@@ -44,6 +44,14 @@ lint: install ## ruff check and format check
 
 bench: install ## print the speed and memory benchmarks (see README)
 	$(BIN)/python -m benchmarks.run
+
+SERVE_PORT ?= 5001
+MODEL_NAME ?= image-captioner
+serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+
+bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
+	$(BIN)/python -m benchmarks.serve_load
 
 # --- CI: .github/workflows/ci.yml runs these same targets (the README, "Pull requests and quality gates") ---
 CI_DIR := build/ci

@@ -387,7 +387,9 @@ def bench_train(ws: Workspace) -> Result:
         for _ in range(count)
     ]
     model = _tutorial_model(vocab)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)  # as the train stage (train.jit_compile)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), jit_compile=True
+    )  # as the train stage (train.jit_compile)
 
     # The one-step loop and the scan must compute the same thing, or the comparison is moot.
     features, tokens = data[0]

@@ -7,7 +7,12 @@ from captioning.grounding import box_coverage, grounding_scores, noun_groundings
 
 OBJECTS = [
     {"kind": "circle", "colour": "red", "position": "top left", "bbox": [0, 0, 74.75, 74.75]},
-    {"kind": "star", "colour": "blue", "position": "bottom right", "bbox": [224.25, 224.25, 74.75, 74.75]},
+    {
+        "kind": "star",
+        "colour": "blue",
+        "position": "bottom right",
+        "bbox": [224.25, 224.25, 74.75, 74.75],
+    },
 ]
 
 

@@ -98,6 +98,13 @@ class EvaluateParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegisterParams:
+    model_name: str = "image-captioner"
+    max_batch: int = 16
+    max_pixels: int = 89_478_485
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportParams:
     num_images: int = 8
     seed: int = 0
@@ -125,6 +132,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "report": ReportParams,
+    "register": RegisterParams,
     "gates": GatesParams,
 }
 

@@ -168,6 +168,9 @@ class CaptionDecoder:
                     # Gathers lose the static batch size a caller's tensor may carry.
                     (state, tf.TensorShape([None, None])),
                     (tokens, tf.TensorShape([None])),
+                    (scores, tf.TensorShape([None, k])),
+                    (done, tf.TensorShape([None, k])),
+                    (lengths, tf.TensorShape([None, k])),
                 ]
             )
             logits, state, weights = decoder.step(tokens, state, encoded, projected)

@@ -27,7 +27,9 @@ def box_coverage(bbox: list[float], grid: int, image_size: int = demo.IMAGE_SIZE
     return (np.outer(cover_y, cover_x) / (cell * cell)).reshape(-1)  # row-major like the features
 
 
-def noun_groundings(caption: str, attention: np.ndarray, objects: list[dict]) -> list[tuple[float, float]]:
+def noun_groundings(
+    caption: str, attention: np.ndarray, objects: list[dict]
+) -> list[tuple[float, float]]:
     """[(attention mass in the named object's box, box share of the image)] per grounded noun.
 
     attention: (words, L) maps of the caption's words, in order.

@@ -1,0 +1,620 @@
+"""The served model: request checks, the pyfunc model, the registry, and the real MLflow server.
+
+Fast tests check request validation on its own, the pyfunc `predict` on an
+untrained tiny model (no server; the scoring server's own request parsing is
+called in-process, so the HTTP status and message are the ones a client gets),
+and the champion/challenger rules against a real sqlite registry. The slow
+integration test trains a tiny model on demo data, registers it through the
+`register` stage, serves it with the real `mlflow models serve`, compares the
+served captions with `captioning caption`, sends every kind of bad request,
+and checks that a worse second model does not take the champion alias.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import tensorflow as tf
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+from PIL import Image
+
+from captioning import registry
+from captioning.config import EvaluateParams
+from captioning.data.demo import generate_demo
+from captioning.features import build_extractor, preprocess_image, weights_digest
+from captioning.inference import ImageCaptioner
+from captioning.model import ModelConfig, build_captioner
+from captioning.serving import (
+    ScoringServer,
+    ServingConfig,
+    captioner_model_kwargs,
+    check_image_header,
+    decode_base64_image,
+    decoding_settings,
+    log_captioner_model,
+    request_images,
+)
+from captioning.text import Vocabulary, clean_caption
+from captioning.training import save_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_bytes(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- request checks
+
+CONFIG = ServingConfig(max_batch=3, max_pixels=100 * 100, max_image_bytes=50_000)
+
+
+def test_request_images_accepts_the_shapes_the_server_passes():
+    frame = pd.DataFrame({"image": ["a", "b"]})
+    assert request_images(frame, 3) == ["a", "b"]
+    assert request_images(["a"], 3) == ["a"]
+    assert request_images(np.array(["a", "b"]), 3) == ["a", "b"]
+    assert request_images({"image": ["a"]}, 3) == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("model_input", "message"),
+    [
+        ([], "empty batch"),
+        (pd.DataFrame({"image": []}), "empty batch"),
+        (["a"] * 4, "batch of 4 images exceeds the maximum of 3"),
+        (pd.DataFrame({"img": ["a"]}), "expected one column 'image'"),
+        ({"pixels": ["a"]}, "expected {'image'"),
+        (42, "expected a list of base64 strings, got int"),
+    ],
+)
+def test_request_images_rejects_bad_shapes(model_input, message):
+    with pytest.raises(MlflowException) as err:
+        request_images(model_input, 3)
+    assert message in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_decode_base64_image_returns_the_bytes_and_ignores_line_breaks():
+    data = jpeg_bytes()
+    wrapped = "\n".join(b64(data)[i : i + 76] for i in range(0, len(b64(data)), 76))
+    assert decode_base64_image(wrapped, "image 0", CONFIG) == data
+    assert decode_base64_image(b64(png_bytes(10, 10)), "image 0", CONFIG) == png_bytes(10, 10)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "image 0: empty string"),
+        ("  \n", "image 0: empty string"),
+        ("not base64!!", "image 0: not valid base64"),
+        ("YWJj*GVm", "image 0: not valid base64"),
+        (b64(b"hello, not an image"), "image 0: not a JPEG or PNG image"),
+        (b64(b"GIF89a" + bytes(40)), "image 0: not a JPEG or PNG image"),
+        (b64(png_bytes(200, 200, "1")), "200x200 = 40000 pixels exceeds the bound of 10000"),
+        ("A" * 80_000, "exceeds the limit of 50000 bytes"),
+        (17, "expected a base64 string, got int"),
+        ([b64(jpeg_bytes())], "expected a base64 string, got list"),
+    ],
+)
+def test_decode_base64_image_names_the_problem(value, message):
+    with pytest.raises(MlflowException) as err:
+        decode_base64_image(value, "image 0", CONFIG)
+    assert message in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    # 15000 x 15000 = 225 M pixels: over twice Pillow's own bound, so Pillow itself refuses to open it.
+    bomb = png_bytes(15_000, 15_000, "1")
+    with pytest.raises(MlflowException, match="exceeds the bound"):
+        check_image_header(bomb, "image 0", 89_478_485)
+    assert check_image_header(png_bytes(300, 200), "x", 89_478_485) == ("PNG", 300, 200)
+
+
+def test_decoding_settings_merge_over_the_defaults_and_check_ranges():
+    defaults = ServingConfig(decoder="beam", beam_size=4, max_length=20)
+    assert decoding_settings(None, defaults) == {
+        "decoder": "beam",
+        "beam_size": 4,
+        "max_length": 20,
+        "temperature": 1.0,
+        "return_attention": False,
+    }
+    assert decoding_settings({"decoder": "greedy", "max_length": 5}, defaults)["max_length"] == 5
+    for params, message in [
+        ({"decoder": "nucleus"}, "params.decoder='nucleus'"),
+        ({"beam_size": 0}, "params.beam_size=0"),
+        ({"beam_size": 1000}, "params.beam_size=1000"),
+        ({"max_length": True}, "params.max_length=True"),
+        ({"temperature": 0.0}, "params.temperature=0.0"),
+        ({"return_attention": "yes"}, "params.return_attention='yes'"),
+    ]:
+        with pytest.raises(MlflowException) as err:
+            decoding_settings(params, defaults)
+        assert message in err.value.message
+
+
+# ----------------------------------------------------------------------------- the pyfunc model
+
+
+def tiny_untrained_model(path: Path, image_size: int = 75) -> Path:
+    """An untrained captioner over a small InceptionV3 input (1 location at 75 px): cheap to run."""
+    vocab = Vocabulary.build(["a red circle at the top", "a blue square on the left"], 50)
+    config = ModelConfig(
+        vocab_size=len(vocab),
+        embedding_dim=8,
+        units=8,
+        attention_units=8,
+        encoder_dim=8,
+        num_locations=1,
+        image_size=image_size,
+    )
+    save_model(build_captioner(config, vocab, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pyfunc_model(tmp_path_factory):
+    """The pyfunc model saved and loaded the way the server loads it (no tracking store)."""
+    root = tmp_path_factory.mktemp("pyfunc")
+    keras_path = tiny_untrained_model(root / "tiny.keras")
+    path = root / "model"
+    config = ServingConfig(max_batch=3, max_pixels=400 * 400, max_length=24)
+    mlflow.pyfunc.save_model(path, **captioner_model_kwargs(keras_path, config))
+    return mlflow.pyfunc.load_model(str(path)), keras_path
+
+
+def invoke(model, payload) -> tuple[int, dict]:
+    """What the scoring server answers for a JSON body: (HTTP status, JSON body)."""
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    try:
+        response = scoring_server.invocations(
+            body, "application/json", model, model.metadata.get_input_schema()
+        )
+        return response.status, json.loads(response.response)
+    except MlflowException as err:
+        return err.get_http_status_code(), json.loads(err.serialize_as_json())
+
+
+def test_pyfunc_captions_equal_the_library_captions(pyfunc_model):
+    model, keras_path = pyfunc_model
+    images = [jpeg_bytes(seed) for seed in range(3)]
+    expected = ImageCaptioner(keras_path).caption_bytes(images, max_len=24)
+    got = model.predict(pd.DataFrame({"image": [b64(i) for i in images]}))
+    assert list(got["caption"]) == expected.captions
+    np.testing.assert_allclose(got["score"], expected.scores, rtol=1e-5)
+
+
+def test_pyfunc_returns_per_word_attention_when_asked(pyfunc_model):
+    model, _ = pyfunc_model
+    got = model.predict(
+        pd.DataFrame({"image": [b64(jpeg_bytes())]}),
+        params={"return_attention": True, "max_length": 4},
+    )
+    row = got.iloc[0]
+    assert len(row["words"]) == len(row["attention"]) <= 4
+    for weights in row["attention"]:
+        assert len(weights) == 1 and abs(sum(weights) - 1) < 1e-4  # 1 location at 75 px
+
+
+@pytest.mark.parametrize(
+    ("decoder", "beam_size"), [("greedy", 3), ("sample", 3), ("beam", 1), ("beam", 2)]
+)
+def test_pyfunc_decodes_one_image_with_every_decoder(pyfunc_model, decoder, beam_size):
+    model, _ = pyfunc_model
+    got = model.predict(
+        pd.DataFrame({"image": [b64(jpeg_bytes())]}),
+        params={"decoder": decoder, "beam_size": beam_size},
+    )
+    assert len(got) == 1 and isinstance(got["caption"][0], str)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"inputs": ["%%%"]}, "image 0: not valid base64"),
+        ({"inputs": [b64(jpeg_bytes()), b64(b"plain text")]}, "image 1: not a JPEG or PNG image"),
+        ({"inputs": [""]}, "image 0: empty string"),
+        ({"inputs": [b64(jpeg_bytes()[:300])]}, "image 0: a truncated or corrupt JPEG"),
+        ({"inputs": [b64(jpeg_bytes()[:-600])]}, "image 0: not a decodable JPEG/PNG image"),
+        ({"inputs": [b64(png_bytes(64, 64)[:20])]}, "image 0: a truncated or corrupt PNG"),
+        ({"inputs": [b64(png_bytes(500, 500, "1"))]}, "exceeds the bound of 160000 pixels"),
+        ({"inputs": []}, "empty batch"),
+        ({"inputs": [b64(jpeg_bytes())] * 4}, "exceeds the maximum of 3"),
+        ({"inputs": [[b64(jpeg_bytes())]]}, "expected a base64 string, got list"),
+        ({"images": ["x"]}, "dataframe_split"),  # no known input field
+        ({"inputs": {"a": 1}}, "Failed to enforce schema"),
+        ({"dataframe_split": {"columns": ["img"], "data": [["x"]]}}, "missing inputs ['image']"),
+        ("{not json", "valid JSON"),
+        ({"inputs": [b64(jpeg_bytes())], "params": {"beam_size": 99}}, "params.beam_size=99"),
+        ({"inputs": [b64(jpeg_bytes())], "params": {"beam_size": "x"}}, "beam_size"),
+    ],
+)
+def test_bad_requests_get_400_with_a_message_naming_the_problem(pyfunc_model, payload, message):
+    status, body = invoke(pyfunc_model[0], payload)
+    assert status == 400, body
+    assert message in body["message"]
+
+
+def test_both_json_formats_and_params_are_accepted(pyfunc_model):
+    model, _ = pyfunc_model
+    image = b64(jpeg_bytes())
+    status, inputs = invoke(model, {"inputs": [image, image]})
+    assert status == 200 and len(inputs["predictions"]) == 2
+    status, split = invoke(
+        model,
+        {
+            "dataframe_split": {"columns": ["image"], "data": [[image]]},
+            "params": {"decoder": "beam", "beam_size": 2, "return_attention": True},
+        },
+    )
+    assert status == 200
+    (prediction,) = split["predictions"]
+    assert set(prediction) == {"caption", "score", "words", "attention"}
+
+
+@pytest.mark.slow  # writes and copies a 90 MB InceptionV3 weights file
+def test_extractor_weights_file_travels_with_the_model(tmp_path):
+    weights = tmp_path / "inception.weights.h5"
+    keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(75, 75, 3)
+    ).save_weights(weights)
+    extractor = build_extractor(str(weights), 75)
+    vocab = Vocabulary.build(["a red circle"], 10)
+    config = ModelConfig(
+        vocab_size=len(vocab),
+        embedding_dim=8,
+        units=8,
+        attention_units=8,
+        encoder_dim=8,
+        num_locations=1,
+        image_size=75,
+        extractor_weights=str(weights),
+        extractor_digest=weights_digest(extractor),
+    )
+    keras_path = tmp_path / "tiny.keras"
+    save_model(build_captioner(config, vocab, seed=0), keras_path)
+    images = [jpeg_bytes(1)]
+    captioner = ImageCaptioner(keras_path, extractor=extractor)
+    expected = captioner.caption_bytes(images, max_len=ServingConfig().max_length)
+    mlflow.pyfunc.save_model(
+        tmp_path / "model", **captioner_model_kwargs(keras_path, ServingConfig())
+    )
+    weights.rename(tmp_path / "moved.weights.h5")  # the served model must not need the original
+    served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    got = served.predict(pd.DataFrame({"image": [b64(i) for i in images]}))
+    assert list(got["caption"]) == expected.captions
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """A fresh sqlite tracking and registry store (absolute path)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets this variable
+    mlflow.set_tracking_uri(uri)
+    yield mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(previous)
+
+
+def _register(client, name, cider, eval_set="set-a", key=None, run_id=None):
+    """Register a trivial model from a new (or given) run with the given test CIDEr."""
+    if run_id is None:
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+
+    def log_model():
+        with mlflow.start_run(run_id=run_id):
+            # Explicit requirements: inferring them would load the model in a subprocess.
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=_Constant(), pip_requirements=["mlflow"]
+            )
+        return info.model_uri, info.model_id
+
+    return registry.register_captioner(
+        client, name, run_id, {"CIDEr": cider, "BLEU-4": 0.1}, eval_set, key or run_id, log_model
+    )
+
+
+def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(client):
+    name = "captioner-rules"
+    first = _register(client, name, 0.50)
+    assert (first.version, first.alias) == ("1", "champion")
+    assert "no champion yet" in first.reason
+
+    worse = _register(client, name, 0.40)
+    assert worse.alias == "challenger" and "does not beat" in worse.reason
+    equal = _register(client, name, 0.50)
+    assert equal.alias == "challenger"
+    other_set = _register(client, name, 0.90, eval_set="set-b")
+    assert other_set.alias == "challenger" and "different set" in other_set.reason
+    assert str(registry.current_champion(client, name).version) == "1"
+
+    better = _register(client, name, 0.60)
+    assert better.alias == "champion" and better.previous_champion == "1"
+    assert str(registry.current_champion(client, name).version) == better.version
+    tags = client.get_model_version(name, better.version).tags
+    assert tags[registry.TAG_EVAL_SET] == "set-a" and float(tags[registry.TAG_SCORE]) == 0.60
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == other_set.version
+
+
+def test_registering_the_same_run_and_model_twice_is_a_no_op(client):
+    name = "captioner-rerun"
+    first = _register(client, name, 0.5, key="same")
+    again = _register(client, name, 0.5, key="same", run_id=first.run_id)
+    assert again.version == first.version and again.alias == "champion"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_decide_is_strict_and_checks_what_was_measured():
+    tags = {registry.TAG_EVAL_SET: "s", registry.TAG_METRIC: "CIDEr", registry.TAG_SCORE: "0.7"}
+    assert registry.decide(0.71, "s", tags).alias == "champion"
+    assert registry.decide(0.70, "s", tags).alias == "challenger"
+    assert registry.decide(float("nan"), "s", None).alias == "challenger"
+    assert "BLEU-4" in registry.decide(0.9, "s", tags, metric="BLEU-4").reason
+
+
+def test_evaluation_set_digest_depends_on_images_and_references():
+    table = pd.DataFrame(
+        {
+            "image_id": [1, 1, 2, 3],
+            "caption": ["a b", "c d", "e f", "g h"],
+            "split": ["test", "test", "test", "val"],
+            "path": ["p"] * 4,
+        }
+    )
+    digest = registry.evaluation_set_digest(table, "test", [2, 1])
+    assert digest == registry.evaluation_set_digest(table.iloc[::-1], "test", [1, 2])
+    assert digest != registry.evaluation_set_digest(table, "test", [1])
+    changed = table.assign(caption=["a b", "c d", "e f!", "g h"])
+    assert digest != registry.evaluation_set_digest(changed, "test", [1, 2])
+    with pytest.raises(ValueError, match="not in split 'test'"):
+        registry.evaluation_set_digest(table, "test", [3])
+
+
+def test_logged_model_has_signature_example_pinned_requirements_and_code(client, tmp_path):
+    keras_path = tiny_untrained_model(tmp_path / "tiny.keras")
+    with mlflow.start_run():
+        info = log_captioner_model(keras_path, ServingConfig(decoder="beam", max_batch=5))
+    params = {p.name: p.default for p in info.signature.params.params}
+    assert params == {
+        "decoder": "beam",
+        "beam_size": EvaluateParams().beam_size,
+        "max_length": EvaluateParams().max_len,
+        "temperature": 1.0,
+        "return_attention": False,
+    }
+    assert info.signature.inputs.input_names() == ["image"]
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    for dist in ("keras==", "mlflow==", "pillow==", "numpy==", "pandas==", "tensorflow"):
+        assert any(r.startswith(dist) and "==" in r for r in requirements), requirements
+    assert (local / "code" / "captioning" / "serving.py").is_file()
+    assert (local / "serving_input_example.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the real server
+
+
+def train_tiny_captioner(root: Path, seed: int = 0, epochs: int = 40) -> tuple[Path, list[Path]]:
+    """A tiny captioner trained on 16 demo images (299 px, 64 locations); returns it and 4 val images."""
+    demo = root / "demo"
+    generate_demo(demo, 16, 4, seed=3)
+    annotations = json.loads((demo / "annotations" / "captions_train2014.json").read_text())
+    files = {im["id"]: demo / "train2014" / im["file_name"] for im in annotations["images"]}
+    captions = collections.defaultdict(list)
+    for annotation in annotations["annotations"]:
+        captions[annotation["image_id"]].append(clean_caption(annotation["caption"]))
+    ids = sorted(files)
+    extractor = build_extractor("none", 299, 0)
+    pixels = np.stack([preprocess_image(files[i].read_bytes(), 299).numpy() for i in ids])
+    features = extractor.predict(pixels, batch_size=8, verbose=0)  # (16, 64, 2048)
+    vocab = Vocabulary.build([c for i in ids for c in captions[i]], 200)
+    config = ModelConfig(
+        vocab_size=len(vocab),
+        embedding_dim=16,
+        units=32,
+        attention_units=16,
+        encoder_dim=16,
+        extractor_digest=weights_digest(extractor),
+    )
+    model = build_captioner(config, vocab, seed=seed)
+    flat = features.reshape(-1, features.shape[-1])
+    model.encoder.set_feature_stats(flat.mean(0), flat.std(0))
+    tokens = np.concatenate([vocab.encode_batch(captions[i], 20) for i in ids])
+    repeated = np.repeat(features, [len(captions[i]) for i in ids], axis=0).astype(np.float16)
+    if epochs:
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+        dataset = tf.data.Dataset.from_tensor_slices((repeated, tokens)).batch(16)
+        model.fit(dataset, epochs=epochs, verbose=0)
+    path = root / f"captioner-{seed}-{epochs}.keras"
+    save_model(model, path)
+    return path, sorted((demo / "val2014").glob("*.jpg"))
+
+
+class Project:
+    """A throwaway folder laid out like the repo for the `register` stage."""
+
+    def __init__(self, root: Path, images: list[Path], max_batch: int):
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        shutil.copytree(
+            REPO_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        params = {
+            "evaluate": {"split": "test", "decoder": "greedy", "beam_size": 3, "temperature": 1.0,
+                         "max_len": 24, "batch_size": 8},
+            "register": {"model_name": "image-captioner", "max_batch": max_batch,
+                         "max_pixels": 89_478_485},
+        }  # fmt: skip
+        (root / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+        ids = list(range(1, len(images) + 1))
+        (root / "data").mkdir()
+        pd.DataFrame(
+            {
+                "image_id": ids,
+                "path": [str(p) for p in images],
+                "caption": [f"reference {i}" for i in ids],
+                "split": "test",
+            }
+        ).to_parquet(root / "data" / "captions.parquet")
+        (root / "reports").mkdir()
+        predictions = [{"image_id": i, "caption": "x"} for i in ids]
+        (root / "reports" / "predictions.json").write_text(json.dumps(predictions))
+
+    def register(self, model: Path, cider: float) -> tuple[dict, str]:
+        """A finished training run with these test metrics, then the stage; (registered.json, stdout)."""
+        client = mlflow.MlflowClient(self.uri)
+        experiment = client.get_experiment_by_name("image-captioning")
+        experiment_id = (
+            experiment.experiment_id if experiment else client.create_experiment("image-captioning")
+        )
+        run = client.create_run(experiment_id)
+        client.log_metric(run.info.run_id, "test.CIDEr", cider)
+        client.set_terminated(run.info.run_id)
+        ref = self.root / "models" / "mlflow_run.json"
+        ref.parent.mkdir(exist_ok=True)
+        ref.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id}))
+        metrics = {"CIDEr": cider, "BLEU-4": cider / 3, "num_images": 4, "decoder": "greedy"}
+        (self.root / "reports" / "metrics.json").write_text(json.dumps(metrics))
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "stages.register", "--model", str(model),
+                "--metrics", "reports/metrics.json", "--predictions", "reports/predictions.json",
+                "--table", "data/captions.parquet", "--run", str(ref),
+                "--out", "reports/registered.json",
+            ],
+            cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads((self.root / "reports" / "registered.json").read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path):
+    model_path, images = train_tiny_captioner(tmp_path)
+    project = Project(tmp_path / "project", images, max_batch=4)
+    registered, stdout = project.register(model_path, cider=0.8)
+    assert (registered["version"], registered["alias"]) == ("1", "champion"), stdout
+    assert "-> champion" in stdout
+    client = mlflow.MlflowClient(project.uri)
+    run = client.get_run(registered["run_id"])
+    assert run.data.tags["registered_alias"] == "champion"
+    assert run.data.metrics["test.CIDEr"] == 0.8  # the evaluation metrics stay on the run
+    version = client.get_model_version("image-captioner", "1")
+    assert version.tags[registry.TAG_EVAL_SET] == registered["eval_set_digest"]
+
+    cli = subprocess.run(
+        [str(VENV_BIN / "captioning"), "caption", "--json", "--max-len", "24"]
+        + ["--model", str(model_path)]
+        + [str(p) for p in images],
+        capture_output=True, text=True, timeout=600, env=project.env,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    expected = [json.loads(line) for line in cli.stdout.splitlines()]
+    encoded = [b64(p.read_bytes()) for p in images]
+
+    with ScoringServer(
+        "models:/image-captioner@champion", env=project.env, log_path=tmp_path / "server.log"
+    ) as server:
+
+        def post(payload, timeout=120):
+            body = payload if isinstance(payload, str) else json.dumps(payload)
+            headers = {"Content-Type": "application/json"}
+            return requests.post(
+                f"{server.url}/invocations", data=body, headers=headers, timeout=timeout
+            )
+
+        served = post({"inputs": encoded})
+        assert served.status_code == 200, served.text
+        predictions = served.json()["predictions"]
+        assert [p["caption"] for p in predictions] == [e["caption"] for e in expected]
+        np.testing.assert_allclose(
+            [p["score"] for p in predictions], [e["score"] for e in expected], rtol=1e-4
+        )
+
+        split = post(
+            {
+                "dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]},
+                "params": {"decoder": "beam", "beam_size": 3, "return_attention": True},
+            }
+        )
+        assert split.status_code == 200, split.text
+        (beam,) = split.json()["predictions"]
+        assert len(beam["attention"]) == len(beam["words"]) == len(beam["caption"].split())
+        assert all(len(w) == 64 for w in beam["attention"])  # the 8x8 grid per word
+
+        truncated = images[0].read_bytes()[: len(images[0].read_bytes()) // 2]
+        bad_requests = [
+            ({"inputs": ["this is not base64!"]}, "not valid base64"),
+            ({"inputs": [b64(b"%PDF-1.4 not an image")]}, "not a JPEG or PNG image"),
+            ({"inputs": [""]}, "empty string"),
+            ({"inputs": [b64(truncated)]}, "not a decodable JPEG/PNG image"),
+            ({"inputs": [b64(png_bytes(10_000, 10_000, "1"))]}, "exceeds the bound of 89478485"),
+            ({"images": encoded[:1]}, "dataframe_split"),
+            ({"inputs": [encoded[:1]]}, "expected a base64 string"),
+            ("[1, 2", "valid JSON"),
+            ({"inputs": []}, "empty batch"),
+            ({"inputs": encoded[:1] * 5}, "batch of 5 images exceeds the maximum of 4"),
+            ({"inputs": encoded[:1], "params": {"max_length": 0}}, "params.max_length=0"),
+        ]
+        for payload, message in bad_requests:
+            response = post(payload)
+            assert response.status_code == 400, (message, response.status_code, response.text[:500])
+            assert message in response.json()["message"], response.text[:2000]
+            assert server.healthy(), f"server unhealthy after a request about {message!r}"
+        again = post({"inputs": encoded})
+        assert [p["caption"] for p in again.json()["predictions"]] == [
+            e["caption"] for e in expected
+        ]
+
+        worse_path, _ = train_tiny_captioner(tmp_path, seed=1, epochs=0)
+        worse, stdout = project.register(worse_path, cider=0.3)
+        assert (worse["version"], worse["alias"]) == ("2", "challenger")
+        assert "does not beat" in stdout and "0.8000" in stdout
+        assert str(client.get_model_version_by_alias("image-captioner", "champion").version) == "1"
+        assert server.healthy()
+    assert server.process.poll() is not None  # stopped
