@@ -339,7 +339,7 @@ def test_experiment_with_overrides(demo):
 
     done = project.dvc("exp", "run", "-S", "train.learning_rate=0.002", "-S", "train.epochs=1")
     log = done.stdout + done.stderr
-    assert _stages_run(log) == ["evaluate", "report", "train"], log
+    assert _stages_run(log) == ["evaluate", "register", "report", "train"], log
 
     shown = json.loads(project.dvc("exp", "show", "--json").stdout)
     experiments = _experiments(shown)

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from captioning.config import EvaluateParams
+
 
 def _caption(args: argparse.Namespace) -> int:
     from captioning.inference import ImageCaptioner, ImageError
@@ -82,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--model", default="models/captioner.keras", help="trained .keras model")
     cap.add_argument("--decoder", choices=["greedy", "sample", "beam"], default="greedy")
     cap.add_argument("--beam-size", type=int, default=3)
-    cap.add_argument("--max-len", type=int, default=24, help="most words per caption")
+    cap.add_argument(
+        "--max-len",
+        type=int,
+        default=EvaluateParams().max_len,
+        help="most tokens per caption (default: evaluate.max_len's default, as the evaluate stage)",
+    )
     cap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     cap.add_argument("--json", action="store_true", help="one JSON object per line")
     cap.set_defaults(func=_caption)
