@@ -13,6 +13,7 @@ from pathlib import Path
 
 from captioning.config import DataParams
 from captioning.data import demo
+from captioning.data.download import write_if_changed
 
 REF_NAME = "dataset.json"
 LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
@@ -55,14 +56,13 @@ def prepare_source(params: DataParams, raw_dir: str | Path) -> Path:
 
 
 def write_dataset_ref(raw_dir: Path, source: str, root: Path) -> None:
-    """Write dataset.json only when it changes, so a no-op rerun changes no file."""
+    """Write dataset.json only when it changes (atomically), so a no-op rerun changes no file."""
     # Repo-relative when inside the repo, so the file is the same on every clone.
     relative = os.path.relpath(root)
     shown = str(root.resolve()) if relative.startswith("..") else relative
-    text = json.dumps({"source": source, "root": shown}, indent=2) + "\n"
-    ref = raw_dir / REF_NAME
-    if not ref.exists() or ref.read_text() != text:
-        ref.write_text(text)
+    write_if_changed(
+        raw_dir / REF_NAME, json.dumps({"source": source, "root": shown}, indent=2) + "\n"
+    )
 
 
 def read_dataset_ref(raw_dir: str | Path) -> dict:
