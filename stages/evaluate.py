@@ -9,9 +9,8 @@ import pandas as pd
 
 from captioning import tracking
 from captioning.config import load_section
-from captioning.data import demo
-from captioning.data.sources import read_dataset_ref
-from captioning.evaluation import evaluate_split
+from captioning.data.sources import demo_objects
+from captioning.evaluation import evaluate_split, scores_by_length
 from captioning.features import FeatureStore
 from captioning.model import load_captioner
 
@@ -26,17 +25,11 @@ def main() -> None:
     parser.add_argument("--predictions", required=True, help="COCO results JSON to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--per-image", required=True, help="per-image scores CSV to write")
+    parser.add_argument("--by-length", required=True, help="scores by caption length CSV to write")
     args = parser.parse_args()
     params = load_section("evaluate")
 
-    dataset = read_dataset_ref(args.raw)
-    objects = None
-    if dataset["source"] == "demo":
-        annotations = Path(dataset["root"]) / "annotations"
-        objects = {
-            **demo.load_objects(annotations / "instances_train2014.json"),
-            **demo.load_objects(annotations / "instances_val2014.json"),
-        }
+    objects = demo_objects(args.raw)
     result = evaluate_split(
         load_captioner(args.model),
         FeatureStore(args.features),
@@ -46,13 +39,14 @@ def main() -> None:
     )
     Path(args.predictions).write_text(json.dumps(result.predictions, indent=1) + "\n")
     result.per_image.to_csv(args.per_image, index=False, float_format="%.6f")
+    scores_by_length(result.per_image).to_csv(args.by_length, index=False, float_format="%.6f")
     report = {**result.corpus, "skipped": result.skipped, "decoder": params.decoder}
     Path(args.metrics).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     tracking.configure(Path.cwd())
     with mlflow.start_run(run_id=tracking.resume_run(args.run)):
         mlflow.log_metrics({f"{params.split}.{k}": float(v) for k, v in result.corpus.items()})
-        for path in (args.metrics, args.per_image, args.predictions):
+        for path in (args.metrics, args.per_image, args.predictions, args.by_length):
             mlflow.log_artifact(path)
     print(json.dumps(result.corpus, indent=2, sort_keys=True))
 

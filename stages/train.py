@@ -6,9 +6,12 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from captioning import tracking
 from captioning.config import load_section, read_params
+from captioning.data.sources import demo_objects
+from captioning.evaluation import references_by_image
 from captioning.features import FeatureStore
 from captioning.text import Vocabulary
 from captioning.training import CaptionSet, fit_captioner, save_model, settings_fingerprint
@@ -18,6 +21,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--features", required=True)
     parser.add_argument("--tokens", required=True)
+    parser.add_argument("--table", required=True, help="caption table (val references)")
+    parser.add_argument("--raw", required=True, help="download output (finds demo object boxes)")
     parser.add_argument("--model", required=True, help="output .keras file")
     parser.add_argument("--checkpoints", required=True, help="per-epoch state, kept for resuming")
     parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
@@ -30,6 +35,7 @@ def main() -> None:
     store = FeatureStore(args.features)
     vocabulary = Vocabulary.from_json((tokens / "vocab.json").read_text())
     train, val = CaptionSet.load(tokens, "train"), CaptionSet.load(tokens, "val")
+    val_references = references_by_image(pd.read_parquet(args.table), "val")
 
     tracking.configure(repo)
     checkpoints = Path(args.checkpoints)
@@ -55,6 +61,8 @@ def main() -> None:
             checkpoints,
             args.history,
             callbacks=[tracking.EpochLogger()],
+            val_references=val_references,
+            val_objects=demo_objects(args.raw),
         )
         save_model(model, args.model)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})

@@ -98,6 +98,21 @@ def test_masked_loss_ignores_padding_and_penalises_uneven_attention():
     assert p_peaked > p_uniform
 
 
+def test_label_smoothing_mixes_in_the_uniform_cross_entropy():
+    targets = tf.constant([[5, 6, 2, PAD_ID]])
+    logits = tf.random.stateless_normal((1, 4, 10), seed=(1, 2)) * 3
+    weights = tf.fill((1, 4, 4), 0.25)
+    plain, ce, _ = masked_loss(targets, logits, weights, 0.0)
+    smoothed, ce_smoothed, _ = masked_loss(targets, logits, weights, 0.0, label_smoothing=0.2)
+    log_p = tf.nn.log_softmax(logits).numpy()[0, :3]  # the three real tokens
+    true = -log_p[np.arange(3), [5, 6, 2]].mean()
+    uniform = -log_p.mean()
+    np.testing.assert_allclose(plain.numpy(), true, rtol=1e-5)
+    np.testing.assert_allclose(smoothed.numpy(), 0.8 * true + 0.2 * uniform, rtol=1e-5)
+    # `ce` stays the plain cross-entropy, so smoothed and plain runs compare.
+    np.testing.assert_allclose(ce_smoothed.numpy(), ce.numpy(), rtol=1e-6)
+
+
 def test_training_lowers_loss_on_a_fixed_batch():
     model, _ = small_model(seed=3)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)

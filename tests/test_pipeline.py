@@ -161,9 +161,12 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
     assert not differ, f"logged params differ from params.yaml (yaml, mlflow): {differ}"
     assert run.data.params["train.epochs"] == "2"
 
-    for name in ("loss", "val_loss"):
+    for name in ("loss", "val_loss", "val_CIDEr", "val_object_accuracy", "learning_rate"):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [1, 2], (name, history)
+    # The returned model is the best epoch by val CIDEr (train.select_by's default).
+    ciders = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_CIDEr")}
+    assert run.data.metrics["best_epoch"] == max(ciders, key=lambda e: (ciders[e], -e))
 
     metrics = json.loads((project.root / "reports" / "metrics.json").read_text())
     for name in (*COCO_METRICS, "object_accuracy", *HUMAN_METRICS):
@@ -203,6 +206,23 @@ def test_cli_captions_match_evaluate(demo):
         shown_path, caption = line.split("\t")
         assert shown_path == image
         assert caption == prediction["caption"], (image, caption, prediction)
+
+
+def test_dvc_plots_render_every_declared_plot(demo):
+    project = demo.project
+    done = project.dvc("plots", "show", "--json")
+    shown = json.loads(done.stdout)
+    titles = set(shown)
+    for title in ("Training loss", "Val CIDEr (greedy, fixed val sample)"):
+        assert title in titles, titles
+    by_length = pd.read_csv(project.root / "reports" / "scores_by_length.csv")
+    assert list(by_length.columns) == [
+        "reference_words", "images", "BLEU-4", "CIDEr", "object_accuracy",
+    ]  # fmt: skip
+    per_image = pd.read_csv(project.root / "reports" / "per_image.csv")
+    assert by_length["images"].sum() == len(per_image)
+    history = pd.read_csv(project.root / "reports" / "train_history.csv")
+    assert history["val_CIDEr"].notna().all() and len(history) == 2
 
 
 def test_nothing_to_do_after_repro(demo):

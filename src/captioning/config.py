@@ -78,9 +78,20 @@ class TrainParams:
     attention_units: int = 512
     encoder_dim: int = 256
     batch_size: int = 64
+    # Image-major batches: K captions per image share one encoder pass (0: one row per caption).
+    captions_per_image: int = 5
     epochs: int = 20
     learning_rate: float = 1e-3
+    # Decay over `epochs` (cosine down to lr_min_fraction * learning_rate) or constant.
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_min_fraction: float = 0.02
+    clip_norm: float = 5.0  # global gradient-norm clipping; 0 turns it off
+    label_smoothing: float = 0.0
     attention_penalty: float = 1.0
+    # Best checkpoint and early stopping: val CIDEr (greedy captions of a fixed
+    # val sample, each epoch) or val loss.
+    select_by: Literal["val_CIDEr", "val_loss"] = "val_CIDEr"
+    val_sample_images: int = 120
     early_stopping_patience: int = 3
     seed: int = 42
     jit_compile: bool = True

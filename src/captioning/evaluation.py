@@ -136,3 +136,23 @@ def evaluate_split(
     human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))
     corpus.update({f"human_{k}": v for k, v in human.items() if k in ("BLEU-4", "CIDEr")})
     return Evaluation(image_ids, decoded, corpus, per_image, dict(scored.skipped))
+
+
+def scores_by_length(per_image: pd.DataFrame, bin_words: int = 4) -> pd.DataFrame:
+    """Mean per-image scores by reference caption length (the DVC plot "scores by length").
+
+    Images are binned by the mean word count of their references, in bins of
+    `bin_words` words labelled by their lower edge; each row has the bin, the
+    number of images and the mean of every score column present.
+    """
+    if bin_words < 1:
+        raise ValueError("bin_words must be at least 1")
+    scores = [c for c in ("BLEU-4", "CIDEr", "objects_correct") if c in per_image]
+    table = per_image.assign(
+        reference_words=(per_image["reference_words"] // bin_words * bin_words).astype(int)
+    )
+    grouped = table.groupby("reference_words", sort=True)
+    out = grouped[scores].mean().astype(float)
+    out.insert(0, "images", grouped.size())
+    out = out.rename(columns={"objects_correct": "object_accuracy"})
+    return out.reset_index()

@@ -42,6 +42,7 @@ class ModelConfig:
     feature_dim: int = 2048
     num_locations: int = 64
     attention_penalty: float = 1.0
+    label_smoothing: float = 0.0
     # The extractor that made the features: inference must rebuild the same one.
     image_size: int = 299
     extractor_weights: str = "none"
@@ -172,10 +173,19 @@ class AttentionGRUDecoder(layers.Layer):
         _, [state] = self.gru(x, [state])
         return self.fc2(self.fc1(state)), state, weights
 
-    def call(self, features, tokens):
-        """Teacher forcing: features (B, L, E), tokens (B, T) -> logits (B, T, V), weights (B, T, L)."""
+    def call(self, features, tokens, captions_per_image: int | None = None):
+        """Teacher forcing: features (B, L, E), tokens (B, T) -> logits (B, T, V), weights (B, T, L).
+
+        With `captions_per_image` K, features are (n, L, E) and tokens (n * K, T),
+        image-major: the attention keys and the initial state are computed once
+        per image, then repeated for its K captions.
+        """
         projected = self.attention.project_features(features)
         state0 = self.initial_state(features)
+        if captions_per_image:
+            features, projected, state0 = (
+                tf.repeat(x, captions_per_image, axis=0) for x in (features, projected, state0)
+            )
         embedded = tf.transpose(self.embedding(tokens), [1, 0, 2])  # (T, B, D)
         weights0 = tf.zeros_like(features[:, :, 0])  # (B, L)
 
@@ -201,19 +211,31 @@ class AttentionGRUDecoder(layers.Layer):
         }
 
 
-def masked_loss(targets, logits, weights, attention_penalty: float):
+def masked_loss(targets, logits, weights, attention_penalty: float, label_smoothing: float = 0.0):
     """Token cross-entropy over non-pad targets + the doubly stochastic attention penalty.
 
-    targets (B, T) int, logits (B, T, V), weights (B, T, L). The penalty is
+    targets (B, T) int, logits (B, T, V), weights (B, T, L). With
+    `label_smoothing` e the target distribution is (1 - e) on the true word and
+    e spread evenly over the vocabulary (Szegedy et al. 2016). The penalty is
     Xu et al.'s sum_l (1 - sum_t alpha_tl)^2, averaged over locations so its
-    weight does not depend on the feature map size. Returns (loss, ce, penalty).
+    weight does not depend on the feature map size. Returns (loss, ce, penalty);
+    `ce` is always the plain cross-entropy, so runs with and without smoothing
+    compare.
     """
     mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (B, T)
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-    ce = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+    denominator = tf.maximum(tf.reduce_sum(mask), 1.0)
+    token_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    ce = tf.reduce_sum(token_ce * mask) / denominator
+    if label_smoothing:
+        # -sum_v q_v log p_v with q = (1 - e) onehot + e / V, without a (B, T, V) one-hot.
+        uniform_ce = -tf.reduce_mean(tf.nn.log_softmax(logits, axis=-1), axis=-1)  # (B, T)
+        smoothed = (1.0 - label_smoothing) * token_ce + label_smoothing * uniform_ce
+        fit = tf.reduce_sum(smoothed * mask) / denominator
+    else:
+        fit = ce
     coverage = tf.reduce_sum(weights * mask[..., None], axis=1)  # (B, L)
     penalty = tf.reduce_mean(tf.square(1.0 - coverage))
-    return ce + attention_penalty * penalty, ce, penalty
+    return fit + attention_penalty * penalty, ce, penalty
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -245,16 +267,28 @@ class Captioner(keras.Model):
         self.built = True
 
     def call(self, inputs, training=False):
-        """(features (B, L, F), tokens (B, T)) -> (logits (B, T, V), weights (B, T, L))."""
+        """(features (B, L, F), tokens (B, T)) -> (logits (B, T, V), weights (B, T, L)).
+
+        Several captions per image: features (n, L, F) and tokens (n, K, T) give
+        logits (n * K, T, V), the encoder running once per image.
+        """
         features, tokens = inputs
+        if tokens.shape.rank == 3:
+            k = tokens.shape[1]
+            if k is None:
+                raise ValueError("tokens (n, K, T) need a static K (captions per image)")
+            tokens = tf.reshape(tokens, [-1, tf.shape(tokens)[2]])  # (n * K, T), image-major
+            return self.decoder(self.encoder(features), tokens, captions_per_image=k)
         return self.decoder(self.encoder(features), tokens)
 
     def _loss(self, data, training):
         features, tokens = data
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # teacher forcing shift
+        inputs, targets = tokens[..., :-1], tokens[..., 1:]  # teacher forcing shift
         logits, weights = self((features, inputs), training=training)
+        targets = tf.reshape(targets, [-1, tf.shape(targets)[-1]])  # (B, T-1) in both layouts
+        c = self.model_config
         loss, ce, penalty = masked_loss(
-            targets, logits, weights, self.model_config.attention_penalty
+            targets, logits, weights, c.attention_penalty, c.label_smoothing
         )
         return loss, ce, penalty, logits, targets
 

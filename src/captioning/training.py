@@ -6,7 +6,10 @@ pairs are shuffled with a seed derived from (seed, epoch), which keeps a
 resumed run on the same batches as an uninterrupted one. After every epoch the
 weights, the optimiser state and the early-stopping state are checkpointed;
 `fit_captioner` picks up from the last completed epoch when the checkpoint was
-made with the same settings, and ends with the best weights by val loss.
+made with the same settings, and ends with the best weights by the selection
+metric: val CIDEr of greedy captions for a fixed val sample (the default), or
+val loss. Val loss mostly measures how well the model guesses the wording of
+one of five references; CIDEr measures the caption it actually writes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from captioning import metrics
 from captioning.config import TrainParams
+from captioning.data import demo
+from captioning.decode import CaptionDecoder
 from captioning.features import FeatureStore
 from captioning.model import Captioner, ModelConfig, build_captioner
 from captioning.text import PAD_ID, Vocabulary
@@ -55,40 +61,90 @@ def caption_batches(
     batch_size: int,
     seed: int | None,
     epoch_offset: int = 0,
+    captions_per_image: int | None = None,
 ) -> tf.data.Dataset:
-    """(features (B, L, F) float16, tokens (B, T') int32) batches, reshuffled every epoch.
+    """Training batches from the feature store, reshuffled every epoch.
 
-    seed None keeps file order (validation). Each batch is cut to its longest
+    captions_per_image None: (features (B, L, F) float16, tokens (B, T') int32),
+    one row per caption, every caption once per epoch.
+
+    captions_per_image K: image-major batches (features (n, L, F), tokens
+    (n, K, T')) of n = round(batch_size / K) images, each with K of its
+    captions (a fresh random K each epoch when it has more, some repeated when
+    it has fewer). An epoch is every image once. The encoder and the attention
+    keys then run once per image instead of once per caption, and the feature
+    store is read K times less.
+
+    seed None keeps store order (validation). Each batch is cut to its longest
     caption (rounded up to a multiple of 8) so the time loop does not run over
     padding.
     """
     epoch = [epoch_offset]
     num_loc, feat_dim = store.feature_shape
-
     lengths = (np.asarray(captions.tokens) != PAD_ID).sum(axis=1)  # (M,) one pass, small
 
+    if captions_per_image:
+        k = captions_per_image
+        images, first, counts = np.unique(captions.image_ids, return_index=True, return_counts=True)
+        by_image = np.split(np.argsort(captions.image_ids, kind="stable"), np.cumsum(counts)[:-1])
+        per_batch = max(1, round(batch_size / k))
+        image_lengths = np.array([lengths[rows].mean() for rows in by_image])
+    else:
+        per_batch = batch_size
+
+    def rows_of(units: np.ndarray, rng) -> np.ndarray:
+        """Caption rows of a batch: (B,) for captions, (n, K) for images."""
+        if not captions_per_image:
+            return np.sort(units)  # sorted: friendlier to the mmap
+        picked = []
+        for u in units:
+            rows = by_image[u]
+            if rng is None:  # validation: the first K, cycling when there are fewer
+                picked.append(np.resize(rows, k))
+            elif len(rows) >= k:
+                picked.append(rng.choice(rows, k, replace=False))
+            else:
+                picked.append(np.concatenate([rows, rng.choice(rows, k - len(rows))]))
+        return np.stack(picked)
+
     def generate():
-        order = np.arange(len(captions))
+        units = len(images) if captions_per_image else len(captions)
+        order = np.arange(units)
+        unit_lengths = image_lengths if captions_per_image else lengths
+        rng = None
         if seed is None:
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            if captions_per_image:
+                order = order[np.argsort(first, kind="stable")]  # images in caption-file order
+            batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
         else:
             rng = np.random.default_rng([seed, epoch[0]])
             rng.shuffle(order)
             epoch[0] += 1
-            batches = _length_buckets(order, lengths, batch_size, rng)
-        for rows in batches:
-            rows = np.sort(rows)  # sorted: friendlier to the mmap
-            tokens = np.asarray(captions.tokens[rows])
+            batches = _length_buckets(order, unit_lengths, per_batch, rng)
+        for units_ in batches:
+            rows = rows_of(units_, rng)
+            tokens = np.asarray(captions.tokens[rows.reshape(-1)])  # (B, T)
             width = int((tokens != PAD_ID).sum(axis=1).max())
             # Round up to a multiple of 8: XLA compiles once per shape, so a few widths.
             width = min(-(-width // 8) * 8, tokens.shape[1])
-            yield store.get(captions.image_ids[rows]), tokens[:, :width]
+            tokens = tokens[:, :width].reshape(*rows.shape, width)
+            ids = images[units_] if captions_per_image else captions.image_ids[rows]
+            yield store.get(ids), tokens
 
+    token_shape = (None, captions_per_image, None) if captions_per_image else (None, None)
     signature = (
         tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
-        tf.TensorSpec((None, None), tf.int32),
+        tf.TensorSpec(token_shape, tf.int32),
     )
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+
+
+def steps_per_epoch(captions: CaptionSet, batch_size: int, captions_per_image: int | None) -> int:
+    """Batches `caption_batches` makes per epoch with these settings."""
+    if not captions_per_image:
+        return -(-len(captions) // batch_size)
+    per_batch = max(1, round(batch_size / captions_per_image))
+    return -(-len(np.unique(captions.image_ids)) // per_batch)
 
 
 def _length_buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -> list:
@@ -126,11 +182,12 @@ def store_fingerprint(store: FeatureStore) -> str:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Per-epoch checkpoint + early stopping on val loss, both resumable.
+    """Per-epoch checkpoint + early stopping on `monitor`, both resumable.
 
     Keeps `last.weights.h5`, `best.weights.h5`, the optimiser variables and a
     `state.json`; writes are atomic so a kill mid-save leaves the previous
-    epoch's checkpoint intact.
+    epoch's checkpoint intact. `monitor` is a key of the epoch logs; losses are
+    minimised, anything else (val_CIDEr) maximised.
     """
 
     def __init__(
@@ -140,15 +197,19 @@ class EpochCheckpoint(keras.callbacks.Callback):
         fingerprint: str,
         patience: int,
         state: dict | None = None,
+        monitor: str = "val_loss",
     ):
         super().__init__()
         self.directory = Path(directory)
         self.history_csv = Path(history_csv)
         self.fingerprint = fingerprint
         self.patience = patience
+        self.monitor = monitor
+        self.sign = 1.0 if monitor.endswith("loss") else -1.0  # minimise sign * value
         self.state = state or {
             "epoch": 0,
-            "best_val_loss": float("inf"),
+            "monitor": monitor,
+            "best": None,
             "best_epoch": 0,
             "wait": 0,
             "history": [],
@@ -156,10 +217,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        val_loss = float(logs.get("val_loss", logs.get("loss")))
+        if self.monitor not in logs:
+            raise KeyError(f"early stopping monitors {self.monitor!r}, not in {sorted(logs)}")
+        value = float(logs[self.monitor])
         self.directory.mkdir(parents=True, exist_ok=True)
-        if val_loss < self.state["best_val_loss"]:
-            self.state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0)
+        best = self.state["best"]
+        if best is None or self.sign * value < self.sign * best:
+            self.state.update(best=value, best_epoch=epoch + 1, wait=0)
             _atomic_save_weights(self.model, self.directory / "best.weights.h5")
         else:
             self.state["wait"] += 1
@@ -176,6 +240,80 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class ValCaptionScore(keras.callbacks.Callback):
+    """Each epoch: greedy captions for a fixed val sample, scored; adds `val_CIDEr` to the logs.
+
+    On the demo set (`objects` given) it also adds `val_object_accuracy`, the
+    share of those captions that name every object right. Runs before the
+    checkpoint callback, which can then select on it, and before the MLflow
+    logger, which records it.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        image_ids: np.ndarray,
+        references: dict[int, list[str]],
+        objects: dict[int, list[dict]] | None = None,
+        max_len: int = 40,
+        batch_size: int = 64,
+    ):
+        super().__init__()
+        missing = [int(i) for i in image_ids if int(i) not in references]
+        if missing:
+            raise ValueError(f"val sample images without references: {missing[:10]}")
+        self.store = store
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.references = {int(i): references[int(i)] for i in self.image_ids}
+        self.objects = objects
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._decoder: CaptionDecoder | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if self._decoder is None or self._decoder.model is not self.model:
+            self._decoder = CaptionDecoder(self.model)
+        decoded = self._decoder.decode(
+            self.store.get(self.image_ids), "greedy", self.max_len, batch_size=self.batch_size
+        )
+        candidates = dict(zip(self.image_ids.tolist(), decoded.captions, strict=True))
+        logs["val_CIDEr"] = metrics.score(self.references, candidates, ("CIDEr",)).corpus["CIDEr"]
+        if self.objects is not None:
+            logs["val_object_accuracy"] = float(
+                np.mean([demo.caption_correct(c, self.objects.get(i, [])) for i, c in candidates.items()])
+            )
+
+
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds the learning rate the last step used to the epoch logs (and so to MLflow)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate)
+
+
+def val_sample(val: CaptionSet, size: int, seed: int) -> np.ndarray:
+    """A fixed, seeded sample of val image ids (sorted), the same every epoch and on resume."""
+    ids = np.unique(val.image_ids)
+    if size < len(ids):
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size, replace=False))
+    return ids
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam with the scheduled learning rate and global-norm gradient clipping of `params`."""
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
+    if params.lr_schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            params.learning_rate,
+            decay_steps=max(1, params.epochs * steps_per_epoch),
+            alpha=params.lr_min_fraction,
+        )
+    return keras.optimizers.Adam(rate, global_clipnorm=params.clip_norm or None)
+
+
 def fit_captioner(
     store: FeatureStore,
     vocabulary: Vocabulary,
@@ -187,12 +325,19 @@ def fit_captioner(
     history_csv: str | Path,
     callbacks: list[keras.callbacks.Callback] = (),
     on_resume: Callable[[int], None] | None = None,
+    val_references: dict[int, list[str]] | None = None,
+    val_objects: dict[int, list[dict]] | None = None,
 ) -> tuple[Captioner, dict]:
-    """Train (or resume) and return the best model by val loss and a summary.
+    """Train (or resume) and return the best model by `params.select_by` and a summary.
 
     `extractor`: the ModelConfig fields naming the feature extractor
     (image_size, extractor_weights, extractor_seed, extractor_digest).
+    `val_references` (raw captions by image id) enable val CIDEr each epoch,
+    which `select_by: val_CIDEr` needs; `val_objects` (demo boxes and
+    attributes) add val object accuracy.
     """
+    if params.select_by == "val_CIDEr" and not val_references:
+        raise ValueError("train.select_by=val_CIDEr needs the val references (val_references)")
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         # Bit-identical reruns, at about 3x the step time under XLA on CPU.
@@ -207,14 +352,15 @@ def fit_captioner(
         feature_dim=feat_dim,
         num_locations=num_loc,
         attention_penalty=params.attention_penalty,
+        label_smoothing=params.label_smoothing,
         **extractor,
     )
     model = build_captioner(config, vocabulary, seed=params.seed)
     mean, std = store.feature_stats("train")
     model.encoder.set_feature_stats(mean, std)
-    model.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate), jit_compile=params.jit_compile
-    )
+    k = params.captions_per_image or None
+    steps = steps_per_epoch(train, params.batch_size, k)
+    model.compile(optimizer=make_optimizer(params, steps), jit_compile=params.jit_compile)
 
     checkpoint_dir = Path(checkpoint_dir)
     fingerprint = settings_fingerprint(
@@ -224,6 +370,8 @@ def fit_captioner(
         len(train),
         len(val),
         store_fingerprint(store),
+        sorted(val_references or {}),
+        val_objects is not None,
     )
     state = _resume_state(checkpoint_dir, fingerprint)
     initial_epoch = 0
@@ -234,18 +382,27 @@ def fit_captioner(
         if on_resume:
             on_resume(initial_epoch)
     checkpoint = EpochCheckpoint(
-        checkpoint_dir, Path(history_csv), fingerprint, params.early_stopping_patience, state
+        checkpoint_dir,
+        Path(history_csv),
+        fingerprint,
+        params.early_stopping_patience,
+        state,
+        monitor=params.select_by,
     )
+    scorers: list[keras.callbacks.Callback] = [LearningRateLog()]
+    if val_references:
+        sample = val_sample(val, params.val_sample_images, params.seed)
+        scorers.append(ValCaptionScore(store, sample, val_references, val_objects))
     done = state and (
         state["epoch"] >= params.epochs or state["wait"] >= params.early_stopping_patience
     )
     if not done:
         model.fit(
-            caption_batches(store, train, params.batch_size, params.seed, initial_epoch),
-            validation_data=caption_batches(store, val, params.batch_size, None),
+            caption_batches(store, train, params.batch_size, params.seed, initial_epoch, k),
+            validation_data=caption_batches(store, val, params.batch_size, None, 0, k),
             epochs=params.epochs,
             initial_epoch=initial_epoch,
-            callbacks=[checkpoint, *callbacks],
+            callbacks=[*scorers, checkpoint, *callbacks],
             verbose=2,
         )
     _write_history(history_csv, checkpoint.state["history"])
@@ -253,7 +410,7 @@ def fit_captioner(
     summary = {
         "epochs_run": checkpoint.state["epoch"],
         "best_epoch": checkpoint.state["best_epoch"],
-        "best_val_loss": checkpoint.state["best_val_loss"],
+        f"best_{params.select_by}": checkpoint.state["best"],
         "resumed_from_epoch": initial_epoch,
     }
     return model, summary

@@ -41,7 +41,7 @@ IMAGE_SIZE = 299
 CAPTIONS_PER_IMAGE = 5
 MARKER_NAME = "demo_params.json"
 # Bump when the generator's output changes, so an old folder is not mistaken for current.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Every word maps back to exactly one canonical name; the parser relies on that.
 KIND_WORDS = {
@@ -61,14 +61,11 @@ SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 _CORNER = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     **{f"{v} {h}": (f"in the {v} {h} corner", f"at the {v} {h}", f"in the {_CORNER[v][1]} {h}",
-                    f"in the {_CORNER[v][1]} {h} corner", f"at the {v} {h} of the image")
+                    f"in the {_CORNER[v][1]} {h} corner")
        for v in ("top", "bottom") for h in ("left", "right")},
-    **{v: (f"at the {v}", f"at the {v} of the image", f"near the {v}", f"in the {v} middle")
-       for v in ("top", "bottom")},
-    **{h: (f"on the {h}", f"on the {h} side", f"at the {h}", f"on the {h} hand side",
-           f"at the {h} of the picture") for h in ("left", "right")},
-    "center": ("in the center", "in the middle", "in the centre", "in the middle of the picture",
-               "at the center of the image"),
+    **{v: (f"at the {v}", f"near the {v}", f"in the {v} middle") for v in ("top", "bottom")},
+    **{h: (f"on the {h}", f"on the {h} side", f"at the {h}") for h in ("left", "right")},
+    "center": ("in the center", "in the middle", "in the centre"),
 }  # fmt: skip
 
 # Canonical fill of each colour (before shading and noise); backgrounds stay muted so these stand out.
@@ -239,16 +236,7 @@ def _one_caption(objects: list[dict], rng: np.random.Generator) -> str:
         ]
         if n > 1:
             prefixes.append(f"{('two', 'three')[n - 2]} {_pick(rng, ('shapes', 'objects'))}: ")
-        suffix = _pick(
-            rng,
-            (
-                "",
-                "",
-                " on a noisy background",
-                " on a textured background",
-                " against a grainy background",
-            ),
-        )
+        suffix = _pick(rng, ("", "", "", " on a noisy background", " on a textured background"))
         text = _pick(rng, prefixes) + body + suffix
     elif style == 1:  # full clauses, position trailing or fronted
         # The parser tells the two orders apart per clause, and only "and"/"while"

@@ -71,3 +71,18 @@ def read_dataset_ref(raw_dir: str | Path) -> dict:
     if not ref.exists():
         raise SourceError(f"{ref} not found: run the download stage first (dvc repro download)")
     return json.loads(ref.read_text())
+
+
+def demo_objects(raw_dir: str | Path) -> dict[int, list[dict]] | None:
+    """Object truth (kind, colour, position, box) of every image when the source is the demo.
+
+    None for any other source: only the demo's scenes are known exactly.
+    """
+    dataset = read_dataset_ref(raw_dir)
+    if dataset["source"] != "demo":
+        return None
+    annotations = Path(dataset["root"]) / "annotations"
+    return {
+        **demo.load_objects(annotations / "instances_train2014.json"),
+        **demo.load_objects(annotations / "instances_val2014.json"),
+    }

@@ -1,0 +1,216 @@
+"""fit_captioner: scheduled learning rate, clipping, selection by val CIDEr, resuming.
+
+A real (tiny) feature store from a random-init InceptionV3 at its smallest
+input; images of three flat colours, each with its own caption, so greedy
+captions of a trained model have a known answer and val CIDEr moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from captioning.config import TrainParams
+from captioning.features import FeatureStore, build_extractor, extract_features
+from captioning.model import ModelConfig, build_captioner
+from captioning.text import Vocabulary
+from captioning.training import (
+    CaptionSet,
+    EpochCheckpoint,
+    caption_batches,
+    fit_captioner,
+    make_optimizer,
+    steps_per_epoch,
+    val_sample,
+)
+
+SIZE = 75
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+CAPTION = "a {} picture"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    rows = []
+    rng = np.random.default_rng(0)
+    for image_id in range(1, 31):
+        colour = list(COLOURS)[image_id % 3]
+        pixels = np.clip(
+            np.array(COLOURS[colour]) + rng.normal(0, 10, (SIZE, SIZE, 3)), 0, 255
+        ).astype(np.uint8)
+        path = root / f"{image_id}.jpg"
+        Image.fromarray(pixels).save(path)
+        split = "val" if image_id > 24 else "train"
+        rows.append({"image_id": image_id, "path": str(path), "split": split, "colour": colour})
+    images = pd.DataFrame(rows)
+    extract_features(
+        images, root / "features", build_extractor("none", SIZE, 0), 8, 16, SIZE, False
+    )
+    captions = {i: [CAPTION.format(c)] * 2 for i, c in zip(images.image_id, images.colour)}
+    vocab = Vocabulary.build([c for cs in captions.values() for c in cs], 50)
+    sets = {}
+    for split in ("train", "val"):
+        ids = [i for i in images.image_id[images.split == split] for _ in range(2)]
+        tokens = vocab.encode_batch([captions[i][0] for i in ids], 8)
+        sets[split] = CaptionSet(tokens, np.asarray(ids, dtype=np.int64))
+    extractor = {"image_size": SIZE, "extractor_weights": "none", "extractor_seed": 0}
+    return FeatureStore(root / "features"), vocab, sets, captions, extractor
+
+
+PARAMS = TrainParams(
+    embedding_dim=16,
+    units=32,
+    attention_units=16,
+    encoder_dim=16,
+    batch_size=8,
+    epochs=6,
+    learning_rate=1e-2,
+    early_stopping_patience=10,
+    jit_compile=False,
+    val_sample_images=4,
+)
+
+
+def _fit(data, tmp_path, params=PARAMS, **kwargs):
+    store, vocab, sets, captions, extractor = data
+    return fit_captioner(
+        store,
+        vocab,
+        sets["train"],
+        sets["val"],
+        params,
+        extractor,
+        tmp_path / "ckpt",
+        tmp_path / "history.csv",
+        val_references=captions,
+        **kwargs,
+    )
+
+
+def test_selects_the_epoch_with_the_best_val_cider(data, tmp_path):
+    model, summary = _fit(data, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history.epoch) == list(range(1, 7))
+    assert {"val_CIDEr", "val_loss", "learning_rate"} <= set(history.columns)
+    best = int(history.val_CIDEr.idxmax())
+    assert summary["best_epoch"] == best + 1
+    assert summary["best_val_CIDEr"] == pytest.approx(history.val_CIDEr.max())
+    assert history.val_CIDEr.max() > 1.0  # it learnt the three captions
+    # Cosine decay: the rate falls every epoch, towards lr_min_fraction * learning_rate.
+    rates = history.learning_rate.to_numpy()
+    assert np.all(np.diff(rates) < 0) and rates[0] < PARAMS.learning_rate
+    assert rates[-1] == pytest.approx(PARAMS.learning_rate * PARAMS.lr_min_fraction, rel=1e-3)
+    # The model returned is the best epoch's, not the last one's.
+    best_weights = keras.models.clone_model(model)
+    best_weights.load_weights(tmp_path / "ckpt" / "best.weights.h5")
+    for a, b in zip(model.get_weights(), best_weights.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["monitor"] == "val_CIDEr" and state["best_epoch"] == best + 1
+
+    # Running again with the same settings resumes at the end: nothing retrained.
+    _, again = _fit(data, tmp_path)
+    assert again["resumed_from_epoch"] == 6 and again["best_epoch"] == summary["best_epoch"]
+
+
+def test_val_cider_selection_needs_references(data, tmp_path):
+    store, vocab, sets, _, extractor = data
+    with pytest.raises(ValueError, match="val references"):
+        fit_captioner(
+            store, vocab, sets["train"], sets["val"], PARAMS, extractor,
+            tmp_path / "c", tmp_path / "h.csv",
+        )  # fmt: skip
+
+
+def test_constant_rate_and_val_loss_selection(data, tmp_path):
+    params = dataclasses.replace(PARAMS, lr_schedule="constant", select_by="val_loss", epochs=3)
+    _, summary = _fit(data, tmp_path, params)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert np.allclose(history.learning_rate, params.learning_rate)
+    assert summary["best_val_loss"] == pytest.approx(history.val_loss.min())
+    assert summary["best_epoch"] == int(history.val_loss.idxmin()) + 1
+
+
+def test_make_optimizer_clips_the_global_norm():
+    optimizer = make_optimizer(dataclasses.replace(PARAMS, clip_norm=1.0), steps_per_epoch=5)
+    variable = keras.Variable(np.zeros(3, np.float32))
+    optimizer.build([variable])
+    optimizer.apply_gradients([(np.array([300.0, 400.0, 0.0], np.float32), variable)])
+    # Adam's first step moves each weight by about the rate whatever the scale, so look at
+    # the first moment instead: it holds (1 - beta_1) * the clipped gradient.
+    np.testing.assert_allclose(
+        optimizer._momentums[0].numpy(), 0.1 * np.array([0.6, 0.8, 0.0]), rtol=1e-5
+    )
+    unclipped = make_optimizer(dataclasses.replace(PARAMS, clip_norm=0.0), 5)
+    assert unclipped.global_clipnorm is None
+
+
+def test_early_stopping_on_a_maximised_metric(tmp_path):
+    class Model:
+        stop_training = False
+
+        def save_weights(self, path):
+            open(path, "w").close()
+
+    checkpoint = EpochCheckpoint(tmp_path, tmp_path / "h.csv", "x", patience=2, monitor="val_CIDEr")
+    checkpoint.set_model(Model())
+    checkpoint.model.optimizer = keras.optimizers.Adam()
+    checkpoint.model.optimizer.build([keras.Variable(np.zeros(1, np.float32))])
+    for epoch, cider in enumerate([0.5, 0.9, 0.8, 0.85]):
+        checkpoint.on_epoch_end(epoch, {"val_CIDEr": cider, "loss": 1.0})
+    assert checkpoint.state["best_epoch"] == 2 and checkpoint.state["best"] == 0.9
+    assert checkpoint.model.stop_training  # two epochs without beating 0.9
+
+
+def test_val_sample_is_fixed_and_seeded():
+    val = CaptionSet(np.zeros((40, 4), np.int32), np.repeat(np.arange(20), 2))
+    a, b = val_sample(val, 5, seed=1), val_sample(val, 5, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 5 and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, val_sample(val, 5, seed=2))
+    np.testing.assert_array_equal(val_sample(val, 100, seed=1), np.arange(20))
+
+
+def test_image_major_batches_cover_every_image_with_its_own_captions(data):
+    store, _, sets, _, _ = data
+    train = sets["train"]
+    ids = np.unique(train.image_ids)
+    stored = store.get(ids)
+    batches = caption_batches(store, train, 6, seed=3, captions_per_image=3)
+    seen = []
+    for features, tokens in batches.as_numpy_iterator():
+        assert tokens.shape[1] == 3 and features.shape[0] == tokens.shape[0] == 2  # 6 / 3 images
+        for image_features, image_tokens in zip(features, tokens):
+            (match,) = np.flatnonzero((stored == image_features).all(axis=(1, 2)))
+            owner = ids[match]
+            own = train.tokens[train.image_ids == owner][:, : image_tokens.shape[1]]
+            for row in image_tokens:  # all K captions are the owner's
+                assert (own == row).all(axis=1).any()
+            seen.append(owner)
+    assert sorted(seen) == sorted(set(train.image_ids.tolist()))  # every image once
+    assert steps_per_epoch(train, 6, 3) == len(seen) // 2
+
+
+def test_image_major_loss_equals_the_per_caption_loss(data):
+    store, vocab, sets, _, extractor = data
+    config = ModelConfig(
+        vocab_size=len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8,
+        feature_dim=store.feature_shape[1], num_locations=store.feature_shape[0], **extractor,
+    )  # fmt: skip
+    model = build_captioner(config, vocab, seed=0)
+    features, tokens = next(
+        caption_batches(store, sets["train"], 6, 0, captions_per_image=3).as_numpy_iterator()
+    )
+    grouped = model._loss((features, tokens), training=False)
+    flat = model._loss(
+        (np.repeat(features, 3, axis=0), tokens.reshape(-1, tokens.shape[-1])), training=False
+    )
+    for a, b in zip(grouped[:3], flat[:3], strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
