@@ -10,11 +10,11 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install init repro test test-fast lint bench bench-serve serve gate clean \
+.PHONY: help install init repro test test-fast lint bench bench-decoders bench-serve serve gate clean \
 	repro-ci ci-comment record-base
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(BIN)/captioning: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -44,6 +44,9 @@ lint: install ## ruff check and format check
 
 bench: install ## print the speed and memory benchmarks (see README)
 	$(BIN)/python -m benchmarks.run
+
+bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
+	$(BIN)/python -m benchmarks.run --only decoders --out reports/bench_decoders.json
 
 SERVE_PORT ?= 5001
 MODEL_NAME ?= image-captioner

@@ -1,7 +1,7 @@
-"""Speed and memory benchmarks: `python -m benchmarks.run [--quick] [--only NAME] [--out PATH]`.
+"""Speed, memory and decoder benchmarks: `python -m benchmarks.run [--quick] [--only NAME]`.
 
-Five benchmarks, all measured in one run on one machine, each printed with its
-target and PASS/FAIL, and written together to `reports/bench.json`:
+Five benchmarks run by default, all measured in one run on one machine, each
+printed with its target and PASS/FAIL, and written together to `reports/bench.json`:
 
 - features: `extract_features` end to end (demo JPEGs on disk -> float16 store)
   against the bare InceptionV3 forward pass on an in-memory batch;
@@ -12,6 +12,10 @@ target and PASS/FAIL, and written together to `reports/bench.json`:
   two data set sizes (features are memory-mapped and batches streamed, so it
   should not grow with the data);
 - decode: captions/s of batched greedy decoding against one image at a time.
+
+A sixth, `--only decoders` (`make bench-decoders`), needs the pipeline's
+outputs (`make repro`): it scores greedy, beam 3 and beam 5 on the evaluate
+split with the evaluate stage's own `evaluate_split`, and times each decoder.
 
 Timings on a shared machine are noisy: the load average is recorded with the
 figures. `--quick` shrinks the data sizes (not the model) for a smoke test.
@@ -37,29 +41,48 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from captioning.config import load_section
 from captioning.data.demo import generate_demo
+from captioning.data.sources import REF_NAME, demo_objects
 from captioning.decode import CaptionDecoder
+from captioning.evaluation import decode_images, evaluate_split, references_by_image
 from captioning.features import (
     INDEX_FILE,
+    SHARD_SUFFIX,
     FeatureStore,
     build_extractor,
     bytes_per_image,
     extract_features,
+    write_shard,
 )
-from captioning.model import Captioner, ModelConfig, build_captioner
+from captioning.model import Captioner, ModelConfig, build_captioner, load_captioner
 from captioning.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
 from captioning.training import CaptionSet, caption_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("features", "store", "train", "memory", "decode")
+DEFAULT_BENCHMARKS = ("features", "store", "train", "memory", "decode")
+BENCHMARKS = (*DEFAULT_BENCHMARKS, "decoders")  # decoders needs a trained model: --only decoders
 IMAGE_SIZE = 299
 FEATURE_BATCH = 32  # the features stage's batch size
 TRAIN_BATCH = 64  # the train stage's batch size
+TRAIN_CAPTIONS_PER_IMAGE = 5  # train.captions_per_image: image-major batches of 13 images x 5
 CAPTION_TOKENS = 18  # <start> + up to 16 words + <end>: a long-ish COCO caption
 DECODE_MAX_LEN = 20
+DECODE_BATCHES = (64, 256)  # evaluate.batch_size's default, and a bigger one for comparison
 LOCATIONS, CHANNELS = 64, 2048
 FLOAT32_BYTES = LOCATIONS * CHANNELS * 4  # one image's features as float32: 524,288
 CHILD_PREFIX = "BENCH_CHILD "
+# What the decoders benchmark reads, relative to --project: where dvc.yaml's stages write it.
+MODEL_FILE = "models/captioner.keras"
+FEATURES_DIR = "data/features"
+CAPTION_TABLE = "data/interim/captions.parquet"
+RAW_DIR = "data/raw"
+PARAMS_FILE = "params.yaml"
+DECODERS = (("greedy", 1), ("beam", 3), ("beam", 5))  # (method, beam size)
+QUALITY = (
+    "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+    "object_accuracy", "grounding",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +102,14 @@ class Sizes:
     memory_train_steps: int  # training steps in each memory child, whatever the data size
     train_batches: int  # timed batches per training variant
     train_unrolled: bool  # also time the tutorial step decorated with tf.function
-    decode_single: int  # images decoded one at a time
-    decode_repeats: int  # timed batched decode calls
+    decode_single: int  # images decoded one at a time, spread over the rounds
+    decode_repeats: int  # timing rounds: one batched call of each size + single images
     decode_eager: int  # images decoded by the tutorial's eager Python loop
+    decoders_images: int | None  # first images of the evaluate split; None = all of them
 
 
-QUICK = Sizes(64, (64, 128), 32, (200, 800), 2, 2, False, 4, 1, 1)
-FULL = Sizes(192, (64, 256), 64, (200, 800), 6, 4, True, 16, 3, 4)
+QUICK = Sizes(64, (64, 128), 32, (200, 800), 2, 2, False, 4, 1, 1, 24)
+FULL = Sizes(192, (64, 256), 64, (200, 800), 6, 4, True, 18, 3, 4, None)
 
 
 # ----------------------------------------------------------------------------- results
@@ -100,6 +124,10 @@ class Result:
         self.units: dict[str, str] = {}
         self.checks: list[dict] = []
         self.notes: list[str] = []
+        self.rows: list[dict] = []  # a table, for benchmarks that compare variants
+
+    def add_row(self, row: dict) -> None:
+        self.rows.append(row)
 
     def add(self, name: str, value, unit: str = "") -> None:
         self.figures[name] = value
@@ -109,13 +137,16 @@ class Result:
         self.checks.append({"figure": name, "target": target, "pass": bool(passed)})
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "title": self.title,
             "figures": self.figures,
             "units": self.units,
             "checks": self.checks,
             "notes": self.notes,
         }
+        if self.rows:
+            out["rows"] = self.rows
+        return out
 
     def print(self) -> None:
         print(f"\n== {self.title}")
@@ -126,6 +157,14 @@ class Result:
                 verdict = "PASS" if targets[name]["pass"] else "FAIL"
                 line += f" target {targets[name]['target']:<12} {verdict}"
             print(line.rstrip())
+        if self.rows:
+            columns = list(dict.fromkeys(key for row in self.rows for key in row))
+            cells = [[_format(row.get(c, "n/a")) for c in columns] for row in self.rows]
+            widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+            for line in (columns, *cells):
+                print(
+                    "  " + "  ".join(f"{text:>{w}}" for text, w in zip(line, widths, strict=True))
+                )
         for note in self.notes:
             print(f"  note: {note}")
         sys.stdout.flush()
@@ -188,9 +227,10 @@ def _write_fake_store(out: Path, count: int, shard_size: int = 256, seed: int = 
     shards, rows = [], []
     for number, start in enumerate(range(0, count, shard_size)):
         n = min(shard_size, count - start)
-        name = f"train-{number:05d}.npy"
-        array = rng.standard_normal((n, LOCATIONS, CHANNELS), dtype=np.float32)
-        np.save(out / name, array.astype(np.float16))
+        name = f"train-{number:05d}{SHARD_SUFFIX}"
+        # ReLU outputs, like InceptionV3's: about half the values are zero.
+        array = np.maximum(rng.standard_normal((n, LOCATIONS, CHANNELS), dtype=np.float32), 0)
+        write_shard(out / name, array.astype(np.float16))
         shards += [name] * n
         rows += range(n)
     index = pd.DataFrame(
@@ -200,10 +240,21 @@ def _write_fake_store(out: Path, count: int, shard_size: int = 256, seed: int = 
 
 
 class Workspace:
-    """Temporary data shared by the benchmarks of one run: demo images, extractor, store."""
+    """Temporary data shared by the benchmarks of one run: demo images, extractor, store.
 
-    def __init__(self, root: Path, sizes: Sizes, vocab_size: int, demo_images: int):
+    `pipeline` holds the paths of the pipeline outputs the decoders benchmark reads.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        sizes: Sizes,
+        vocab_size: int,
+        demo_images: int,
+        pipeline: dict[str, Path] | None = None,
+    ):
         self.root = root
+        self.pipeline = pipeline or {}
         self.sizes = sizes
         self.vocab_size = vocab_size
         self.demo_count = demo_images
@@ -294,7 +345,7 @@ def bench_store(ws: Workspace) -> Result:
     store = FeatureStore(ws.store_dir)
     count = len(store)
     per_image = bytes_per_image(ws.store_dir)
-    shards = sum(p.stat().st_size for p in ws.store_dir.glob("*.npy"))
+    shards = sum(p.stat().st_size for p in ws.store_dir.glob(f"*{SHARD_SUFFIX}"))
     result = Result(f"store: bytes on disk per image ({count} images, one store)")
     result.add("bytes per image (all files)", per_image, "bytes")
     result.add("  of which shards", shards / count, "bytes")
@@ -304,8 +355,8 @@ def bench_store(ws: Workspace) -> Result:
         "bytes per image (all files)", f"<= {FLOAT32_BYTES // 2:,}", per_image <= FLOAT32_BYTES / 2
     )
     result.notes.append(
-        "float16 is exactly half of float32, so any index or .npy header puts the "
-        "total a little over half; the overhead per image shrinks as stores grow"
+        "shards keep float16 values losslessly: a bitmask of the nonzero values plus those "
+        "values (InceptionV3's last block ends in ReLUs, about half of all values are zero)"
     )
     return result
 
@@ -414,6 +465,22 @@ def bench_train(ws: Workspace) -> Result:
     compiled_s = clock.ends[-1] - clock.ends[0]
     compiled = sizes.train_batches * TRAIN_BATCH / compiled_s
 
+    # What the train stage runs: image-major batches (train.captions_per_image), the
+    # encoder and attention keys once per image; round(64 / 5) = 13 images, 65 pairs.
+    k = TRAIN_CAPTIONS_PER_IMAGE
+    n_images = round(TRAIN_BATCH / k)
+    grouped = [
+        (f[:n_images], _fake_tokens(n_images * k, vocab, rng).reshape(n_images, k, -1))
+        for f, _ in data
+    ]
+    grouped_signature = (signature[0], tf.TensorSpec((None, k, None), tf.int32))
+    grouped_batches = tf.data.Dataset.from_generator(
+        lambda: iter(grouped), output_signature=grouped_signature
+    ).apply(tf.data.experimental.assert_cardinality(len(grouped)))
+    clock = _BatchClock()
+    model.fit(grouped_batches, shuffle=False, verbose=0, callbacks=[clock])
+    image_major = sizes.train_batches * n_images * k / (clock.ends[-1] - clock.ends[0])
+
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
 
@@ -428,8 +495,10 @@ def bench_train(ws: Workspace) -> Result:
 
     eager = loop_rate(tutorial_train_step)
     result.add("compiled whole-sequence step (fit)", compiled, "pairs/s")
+    result.add(f"compiled, image-major ({n_images} images x {k} captions)", image_major, "pairs/s")
     result.add("tutorial loop, eager", eager, "pairs/s")
     result.add("compiled / eager loop", compiled / eager, "x")
+    result.add("compiled image-major / eager loop", image_major / eager, "x")
     result.check("compiled / eager loop", ">= 5", compiled / eager >= 5)
     if sizes.train_unrolled:
         unrolled = loop_rate(tf.function(tutorial_train_step))
@@ -603,11 +672,36 @@ def eager_greedy(model: Captioner, features, max_len: int) -> np.ndarray:
     return np.array(out)
 
 
+def word_matmuls(model: Captioner, batch: int):
+    """A compiled loop of only the matmuls of each word (W2, GRU, fc1, fc2) for `batch` rows.
+
+    Returns run(words) -> seconds. What a batch can share on a CPU is these
+    layers' weight reads; their arithmetic grows with the batch. So the time of
+    the matmuls alone, per row, bounds how cheap a batched caption can get.
+    """
+    d, c = model.decoder, model.model_config
+    state = tf.random.stateless_normal([batch, c.units], [0, 0])  # (B, U)
+    x = tf.random.stateless_normal([batch, c.encoder_dim + c.embedding_dim], [0, 1])  # (B, E + D)
+
+    @tf.function
+    def words(state, n):
+        for _ in tf.range(n):
+            logits = d.fc2(d.fc1(state))  # (B, V)
+            query = d.attention.W2(state)  # (B, A)
+            _, [state] = d.gru(x, [state])  # (B, U)
+            state += 0.0 * (logits[:, :1] + query[:, :1])  # keeps every matmul in the loop
+        return state
+
+    words(state, tf.constant(1)).numpy()  # trace
+    return lambda n: _seconds(lambda: words(state, tf.constant(n)).numpy())
+
+
 def bench_decode(ws: Workspace) -> Result:
     sizes, vocab = ws.sizes, ws.vocab_size
+    small, big = DECODE_BATCHES
     result = Result(
         f"decode: greedy captions/s, max_len {DECODE_MAX_LEN}, tutorial sizes, vocab {vocab} "
-        f"(batch 64 vs one image at a time, same CaptionDecoder)"
+        f"(batch {small} and {big} vs one image at a time, same CaptionDecoder)"
     )
     model = _tutorial_model(vocab)
     # An untrained model may pick <end> (or <pad>) at any step; forbidding those
@@ -616,24 +710,33 @@ def bench_decode(ws: Workspace) -> Result:
     bias[[PAD_ID, START_ID, END_ID]] = -1e9
     model.decoder.fc2.bias.assign(bias)
     rng = np.random.default_rng(0)
-    features = rng.standard_normal((64, LOCATIONS, CHANNELS), dtype=np.float32).astype(np.float16)
+    features = rng.standard_normal((big, LOCATIONS, CHANNELS), dtype=np.float32).astype(np.float16)
     decoder = CaptionDecoder(model)
 
-    def batched():
-        return decoder.decode(features, "greedy", max_len=DECODE_MAX_LEN, batch_size=64)
+    def batched(size: int):
+        return decoder.decode(features[:size], "greedy", max_len=DECODE_MAX_LEN, batch_size=size)
 
-    def single(count):
+    def single(count: int):
         return [
             decoder.decode(features[i : i + 1], "greedy", max_len=DECODE_MAX_LEN)
             for i in range(count)
         ]
 
-    # Warm up both shapes twice: reduce_retracing settles on a shape-general trace.
+    # Warm up every shape twice: reduce_retracing settles on a shape-general trace.
     for _ in range(2):
-        lengths = batched().lengths
+        lengths = batched(small).lengths
+        batched(big)
         single(1)
-    batched_s = _seconds(lambda: [batched() for _ in range(sizes.decode_repeats)])
-    single_s = _seconds(lambda: single(sizes.decode_single))
+    # Rounds alternate the ways, so a change in the machine's load hits all of them.
+    matmuls = {size: word_matmuls(model, size) for size in DECODE_BATCHES}
+    batched_s, matmuls_s = dict.fromkeys(DECODE_BATCHES, 0.0), dict.fromkeys(DECODE_BATCHES, 0.0)
+    single_s = 0.0
+    per_round = max(1, sizes.decode_single // sizes.decode_repeats)
+    for _ in range(sizes.decode_repeats):
+        for size in DECODE_BATCHES:
+            batched_s[size] += _seconds(lambda size=size: batched(size))
+            matmuls_s[size] += matmuls[size](DECODE_MAX_LEN)  # one batch of captions' worth
+        single_s += _seconds(lambda: single(per_round))
     eager_greedy(model, features[:1], DECODE_MAX_LEN)
     eager_s = _seconds(
         lambda: [
@@ -642,14 +745,103 @@ def bench_decode(ws: Workspace) -> Result:
         ]
     )
 
-    batched_rate = sizes.decode_repeats * 64 / batched_s
-    single_rate = sizes.decode_single / single_s
+    rate = {size: sizes.decode_repeats * size / batched_s[size] for size in DECODE_BATCHES}
+    single_rate = sizes.decode_repeats * per_round / single_s
+    ratio = f"batched (batch {small}) / one at a time (per caption)"
     result.add("mean caption length (words)", float(np.mean(lengths)), "")
-    result.add("batched greedy, batch 64", batched_rate, "captions/s")
+    for size in DECODE_BATCHES:
+        result.add(f"batched greedy, batch {size}", rate[size], "captions/s")
     result.add("one image at a time", single_rate, "captions/s")
-    result.add("batched / one at a time (per caption)", batched_rate / single_rate, "x")
+    result.add(ratio, rate[small] / single_rate, "x")
+    result.add(f"batch {big} / batch {small}", rate[big] / rate[small], "x")
+    for size in DECODE_BATCHES:  # if a batch did nothing but its matmuls, at the speed measured
+        ceiling = sizes.decode_repeats * size / matmuls_s[size] / single_rate
+        result.add(f"ceiling: batch {size} matmuls alone / one at a time", ceiling, "x")
     result.add("tutorial eager loop, one image", sizes.decode_eager / eager_s, "captions/s")
-    result.check("batched / one at a time (per caption)", ">= 20", batched_rate / single_rate >= 20)
+    result.add("batched / tutorial eager loop", rate[small] * eager_s / sizes.decode_eager, "x")
+    result.check(ratio, ">= 20", rate[small] / single_rate >= 20)
+    result.notes.append(
+        f"{sizes.decode_repeats} rounds, each one call per batch size and the matmuls of its "
+        f"{DECODE_MAX_LEN} words, and {per_round} single images, so a change in load hits all"
+    )
+    result.notes.append(
+        "ceiling = the ratio if batched decoding were only its matmuls (W2, GRU, fc1, fc2; "
+        "no attention, softmax or loop): on CPU a batch shares their weight reads, not their "
+        "arithmetic, so where the ceiling is under the target that batch size cannot reach it"
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- 6. decoders
+
+
+def _decoder_inputs(project: Path, model: Path) -> dict[str, Path]:
+    """The pipeline outputs the decoders benchmark reads; exits with what is missing."""
+    paths = {
+        "model": model,
+        "features": project / FEATURES_DIR,
+        "captions": project / CAPTION_TABLE,
+        "raw": project / RAW_DIR,
+        "params": project / PARAMS_FILE,
+    }
+    needed = [model, paths["features"] / INDEX_FILE, paths["captions"], paths["raw"] / REF_NAME]
+    missing = [str(p) for p in (*needed, paths["params"]) if not p.exists()]
+    if missing:
+        raise SystemExit(
+            f"decoders: {', '.join(missing)} not found. The benchmark scores the trained model "
+            "on the pipeline's features: run `make repro` first (or pass --model / --project)."
+        )
+    return paths
+
+
+def bench_decoders(ws: Workspace) -> Result:
+    paths = ws.pipeline
+    params = load_section("evaluate", paths["params"])
+    table = pd.read_parquet(paths["captions"])
+    image_ids = np.asarray(sorted(references_by_image(table, params.split)), dtype=np.int64)
+    if ws.sizes.decoders_images is not None:  # --quick: the split's first images only
+        image_ids = image_ids[: ws.sizes.decoders_images]
+        table = table[(table["split"] != params.split) | table["image_id"].isin(image_ids)]
+    model = load_captioner(str(paths["model"]))
+    store = FeatureStore(paths["features"])
+    objects = demo_objects(paths["raw"])
+    result = Result(
+        f"decoders: greedy vs beam 3 vs beam 5 on the {params.split} split "
+        f"({len(image_ids)} images, max_len {params.max_len}, batch {params.batch_size}), "
+        f"{paths['model']}"
+    )
+    decoder = CaptionDecoder(model)
+    human: dict[str, float] = {}
+    for method, beam_size in DECODERS:
+        settings = dataclasses.replace(params, decoder=method, beam_size=beam_size)
+        decode_images(model, store, image_ids, settings, decoder)  # warm-up: traces each shape
+        start = time.perf_counter()
+        timed = decode_images(model, store, image_ids, settings, decoder)
+        decode_s = time.perf_counter() - start
+        scored = evaluate_split(model, store, table, settings, objects)
+        if scored.decoded.captions != timed.captions:
+            raise RuntimeError(
+                f"{method}: evaluate_split decoded other captions than the timed run"
+            )
+        name = method if method == "greedy" else f"{method} {beam_size}"
+        row = {"decoder": name}
+        row.update({metric: scored.corpus[metric] for metric in QUALITY if metric in scored.corpus})
+        row["mean words"] = scored.corpus["mean_words"]
+        row["captions/s"] = len(image_ids) / decode_s
+        result.add_row(row)
+        human = {k: v for k, v in scored.corpus.items() if k.startswith("human_")}
+    result.add("images", len(image_ids), "")
+    for name, value in human.items():
+        result.add(f"one human reference vs the others: {name[len('human_') :]}", value, "")
+    result.notes.append(
+        "scores from evaluate_split, as the evaluate stage computes them (greedy matches "
+        "reports/metrics.json for the same model and params); captions/s times decode_images "
+        "alone (feature reads + decoding, after one warm-up pass), scoring excluded"
+    )
+    if objects is None:
+        result.notes.append(
+            "not the demo data set: no object truth, so no object_accuracy or grounding"
+        )
     return result
 
 
@@ -662,6 +854,7 @@ RUNNERS = {
     "train": bench_train,
     "memory": bench_memory,
     "decode": bench_decode,
+    "decoders": bench_decoders,
 }
 
 
@@ -686,7 +879,7 @@ def _machine() -> dict:
 
 def _selected(only: list[str] | None) -> list[str]:
     if not only:
-        return list(BENCHMARKS)
+        return list(DEFAULT_BENCHMARKS)
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
@@ -694,7 +887,13 @@ def _selected(only: list[str] | None) -> list[str]:
     return [n for n in BENCHMARKS if n in names]  # features before store: store reuses its output
 
 
-def run(names: list[str], sizes: Sizes, vocab_size: int, quick: bool) -> dict:
+def run(
+    names: list[str],
+    sizes: Sizes,
+    vocab_size: int,
+    quick: bool,
+    pipeline: dict[str, Path] | None = None,
+) -> dict:
     """Run the named benchmarks in order; return the JSON-ready report."""
     demo_images = max(
         sizes.feature_images if {"features", "store"} & set(names) else 0,
@@ -712,7 +911,7 @@ def run(names: list[str], sizes: Sizes, vocab_size: int, quick: bool) -> dict:
         f"load average at start {os.getloadavg()[0]:.2f} (timings on a busy machine are noisy)"
     )
     with tempfile.TemporaryDirectory(prefix="captioning-bench-") as tmp:
-        ws = Workspace(Path(tmp), sizes, vocab_size, demo_images)
+        ws = Workspace(Path(tmp), sizes, vocab_size, demo_images, pipeline)
         for name in names:
             load_before = os.getloadavg()[0]
             started = time.perf_counter()
@@ -749,7 +948,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only", action="append", metavar="NAME",
-        help=f"run only these benchmarks (repeat or comma-separate): {', '.join(BENCHMARKS)}",
+        help=f"run only these benchmarks (repeat or comma-separate): {', '.join(BENCHMARKS)}; "
+        f"the default runs {', '.join(DEFAULT_BENCHMARKS)}",
     )  # fmt: skip
     parser.add_argument(
         "--out",
@@ -762,6 +962,15 @@ def main(argv: list[str] | None = None) -> None:
         help="vocabulary size of the train/decode models (5004 = the tutorial's 5000 + 4 specials; "
         "the demo data set has about 70)",
     )  # fmt: skip
+    parser.add_argument(
+        "--project", type=Path, default=REPO_ROOT,
+        help=f"decoders: the pipeline folder whose {PARAMS_FILE}, {FEATURES_DIR}/, "
+        f"{CAPTION_TABLE} and {RAW_DIR}/ are read (default: this repository)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", type=Path, default=None,
+        help=f"decoders: the .keras captioner to score (default: PROJECT/{MODEL_FILE})",
+    )  # fmt: skip
     parser.add_argument("--child", choices=("features", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -771,7 +980,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.vocab_size <= len(SPECIAL_TOKENS):
         parser.error(f"--vocab-size must be more than {len(SPECIAL_TOKENS)}")
-    report = run(_selected(args.only), QUICK if args.quick else FULL, args.vocab_size, args.quick)
+    names = _selected(args.only)
+    pipeline = None
+    if "decoders" in names:  # check before any benchmark runs, not after the others
+        pipeline = _decoder_inputs(args.project, args.model or args.project / MODEL_FILE)
+    sizes = QUICK if args.quick else FULL
+    report = run(names, sizes, args.vocab_size, args.quick, pipeline)
     _summary(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite: the cheapest benchmark runs and writes the report shape.
+"""Smoke tests of the benchmark suite: benchmarks run and write the report shape.
 
 No timing assertions: the figures depend on the machine and its load.
 """
@@ -11,23 +11,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from captioning.config import load_section
+from captioning.data.demo import generate_demo
+from captioning.data.sources import demo_objects, write_dataset_ref
+from captioning.evaluation import evaluate_split
+from captioning.features import FeatureStore, build_extractor, extract_features
+from captioning.model import ModelConfig, build_captioner, load_captioner
+from captioning.text import Vocabulary, clean_caption
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+QUALITY = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+DEMO_QUALITY = ["object_accuracy", "grounding"]
 
 
-@pytest.mark.slow
-def test_quick_store_benchmark_writes_its_figures(tmp_path):
-    out = tmp_path / "bench.json"
+def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "store", "--out", str(out)],
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
         cwd=REPO_ROOT,  # `benchmarks` is a folder of the repository, not an installed package
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.mark.slow
+def test_quick_store_benchmark_writes_its_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench("--quick", "--only", "store", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "store" in done.stdout and ("PASS" in done.stdout or "FAIL" in done.stdout)
 
@@ -41,3 +56,77 @@ def test_quick_store_benchmark_writes_its_figures(tmp_path):
     (check,) = store["checks"]
     assert check["figure"] == "bytes per image (all files)"
     assert isinstance(check["pass"], bool) and check["target"]
+
+
+def tiny_pipeline_outputs(root: Path, images: int = 6) -> None:
+    """What `make repro` leaves for the decoders benchmark, at toy size, from real components.
+
+    Demo images and object truth, a test-split caption table, an InceptionV3
+    (random weights) feature store, and an untrained small captioner.
+    """
+    raw = root / "data" / "raw"
+    generate_demo(raw / "demo", 0, images, seed=3)
+    write_dataset_ref(raw, "demo", raw / "demo")
+    coco = json.loads((raw / "demo" / "annotations" / "captions_val2014.json").read_text())
+    paths = {i["id"]: str(raw / "demo" / "val2014" / i["file_name"]) for i in coco["images"]}
+    table = pd.DataFrame(coco["annotations"])[["image_id", "caption"]]
+    table = table.assign(split="test", path=table["image_id"].map(paths))
+    (root / "data" / "interim").mkdir(parents=True)
+    table.to_parquet(root / "data" / "interim" / "captions.parquet", index=False)
+    extract_features(
+        table.drop_duplicates("image_id")[["image_id", "path", "split"]],
+        root / "data" / "features",
+        build_extractor("none", 299, seed=0),
+        batch_size=4,
+        progress=False,
+    )
+    vocab = Vocabulary.build([clean_caption(c) for c in table["caption"]], 100)
+    config = ModelConfig(len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8)
+    (root / "models").mkdir()
+    build_captioner(config, vocab, seed=0).save(root / "models" / "captioner.keras")
+    # Two batches of 4 for 6 images: the last batch is a partial one.
+    (root / "params.yaml").write_text("evaluate:\n  split: test\n  max_len: 8\n  batch_size: 4\n")
+
+
+@pytest.mark.slow
+def test_decoders_benchmark_scores_and_times_each_decoder(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # dataset.json stores the demo folder relative to the cwd
+    project, out = tmp_path / "project", tmp_path / "bench.json"
+    tiny_pipeline_outputs(project)
+    done = run_bench("--quick", "--only", "decoders", "--project", str(project), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "captions/s" in done.stdout and "beam 5" in done.stdout
+
+    entry = json.loads(out.read_text())["benchmarks"]["decoders"]
+    assert entry["figures"]["images"] == 6
+    assert [row["decoder"] for row in entry["rows"]] == ["greedy", "beam 3", "beam 5"]
+    for row in entry["rows"]:
+        assert set(QUALITY + DEMO_QUALITY) <= set(row)
+        assert all(0.0 <= row[m] <= 1.0 for m in QUALITY + DEMO_QUALITY if m != "CIDEr")
+        assert row["CIDEr"] >= 0.0
+        assert 0 <= row["mean words"] <= 8
+        assert row["captions/s"] > 0
+    assert not entry["checks"]  # scores are reported, not judged
+
+    # The greedy row is what the evaluate stage's own function scores.
+    direct = evaluate_split(
+        load_captioner(str(project / "models" / "captioner.keras")),
+        FeatureStore(project / "data" / "features"),
+        pd.read_parquet(project / "data" / "interim" / "captions.parquet"),
+        load_section("evaluate", project / "params.yaml"),
+        demo_objects(project / "data" / "raw"),
+    ).corpus
+    greedy = entry["rows"][0]
+    assert {m: greedy[m] for m in QUALITY + DEMO_QUALITY} == pytest.approx(
+        {m: direct[m] for m in QUALITY + DEMO_QUALITY}
+    )
+
+
+@pytest.mark.slow
+def test_decoders_benchmark_says_what_is_missing(tmp_path):
+    done = run_bench(
+        "--only", "decoders", "--project", str(tmp_path), "--out", str(tmp_path / "b.json")
+    )
+    assert done.returncode != 0
+    assert "make repro" in done.stderr and "captioner.keras" in done.stderr
+    assert not (tmp_path / "b.json").exists()

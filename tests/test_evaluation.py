@@ -17,7 +17,13 @@ def test_bins_by_mean_reference_length_and_averages_scores():
         }
     )
     table = scores_by_length(per_image, bin_words=4)
-    assert list(table.columns) == ["reference_words", "images", "BLEU-4", "CIDEr", "object_accuracy"]
+    assert list(table.columns) == [
+        "reference_words",
+        "images",
+        "BLEU-4",
+        "CIDEr",
+        "object_accuracy",
+    ]
     assert table["reference_words"].tolist() == [8, 12, 20]
     assert table["images"].tolist() == [2, 2, 1]
     np.testing.assert_allclose(table["BLEU-4"], [0.2, 0.6, 0.9])

@@ -7,6 +7,7 @@ extraction runs at 299 px to check the (64, 2048) grid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,6 +33,8 @@ from captioning.features import (
     bytes_per_image,
     extract_features,
     preprocess_image,
+    read_shard,
+    write_shard,
 )
 
 SMALL = 75  # InceptionV3's minimum input: its output grid is 1x1
@@ -85,6 +88,12 @@ def _extract(images, out, extractor, **kwargs):
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """float16 bit patterns: compares NaN, -0.0 and subnormals exactly."""
+    assert array.dtype == np.float16
+    return array.view(np.uint16)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -207,9 +216,9 @@ def test_extract_features_writes_shards_and_index(tmp_path, images, small_extrac
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
         "index.parquet",
         "manifest.json",
-        "train-00000.npy",
-        "train-00001.npy",
-        "val-00000.npy",
+        "train-00000.shard",
+        "train-00001.shard",
+        "val-00000.shard",
     ]
     assert index.dtypes.astype(str).to_dict() == {
         "image_id": "int64",
@@ -220,12 +229,12 @@ def test_extract_features_writes_shards_and_index(tmp_path, images, small_extrac
     assert index["image_id"].tolist() == [2, 5, 9, 11, 17, 3, 40]  # by split, then id
     assert (
         index["shard"].tolist()
-        == ["train-00000.npy"] * 3 + ["train-00001.npy"] * 2 + ["val-00000.npy"] * 2
+        == ["train-00000.shard"] * 3 + ["train-00001.shard"] * 2 + ["val-00000.shard"] * 2
     )
     assert index["row"].tolist() == [0, 1, 2, 0, 1, 0, 1]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "f" / "index.parquet"), index)
 
-    shard = np.load(tmp_path / "f" / "train-00001.npy")
+    shard = read_shard(tmp_path / "f" / "train-00001.shard")
     assert shard.dtype == np.float16 and shard.shape == (2, 1, 2048)
     # The store holds what the model computes for each preprocessed image.
     paths = images.set_index("image_id").loc[[11, 17], "path"]
@@ -240,27 +249,70 @@ def test_extraction_at_299_gives_64_locations(tmp_path, images):
     assert extractor.output_shape == (None, 64, 2048)
     two = images[images["split"] == "val"]
     extract_features(two, tmp_path, extractor, batch_size=2, image_size=299, progress=False)
-    shard = np.load(tmp_path / "val-00000.npy")
+    shard = read_shard(tmp_path / "val-00000.shard")
     assert shard.shape == (2, 64, 2048) and shard.dtype == np.float16
     assert np.isfinite(shard).all() and shard.std() > 0
+    assert 0.2 < (shard == 0).mean() < 0.8  # ReLU zeros: what makes the shards compact
+    assert FeatureStore(tmp_path).feature_shape == (64, 2048)
 
 
 def test_rerun_resumes_and_is_byte_identical(tmp_path, images, small_extractor):
     out = tmp_path / "f"
     _extract(images, out, small_extractor)
     reference = _files(out)
-    first_mtime = (out / "train-00000.npy").stat().st_mtime_ns
+    first_mtime = (out / "train-00000.shard").stat().st_mtime_ns
 
     # A killed run: last shard and index missing, a temp file half written,
     # plus a shard left from a bigger image set.
-    (out / "val-00000.npy").unlink()
+    (out / "val-00000.shard").unlink()
     (out / "index.parquet").unlink()
-    (out / "val-00000.npy.tmp").write_bytes(b"partial")
-    (out / "train-00007.npy").write_bytes((out / "train-00001.npy").read_bytes())
+    (out / "val-00000.shard.tmp").write_bytes(b"partial")
+    (out / "train-00007.shard").write_bytes((out / "train-00001.shard").read_bytes())
 
     _extract(images, out, small_extractor)
     assert _files(out) == reference
-    assert (out / "train-00000.npy").stat().st_mtime_ns == first_mtime
+    assert (out / "train-00000.shard").stat().st_mtime_ns == first_mtime
+
+
+def test_truncated_or_foreign_shards_are_redone(tmp_path, images, small_extractor):
+    """The manifest vouches for a shard, but the file is cut short: it is rewritten."""
+    out = tmp_path / "f"
+    _extract(images, out, small_extractor)
+    reference = _files(out)
+    kept_mtime = (out / "train-00001.shard").stat().st_mtime_ns
+
+    (out / "index.parquet").unlink()
+    whole = (out / "train-00000.shard").read_bytes()
+    (out / "train-00000.shard").write_bytes(whole[:-2])  # its last value lost
+    (out / "val-00000.shard").write_bytes(whole[:20])  # cut inside the header
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard(out / "train-00000.shard")
+
+    _extract(images, out, small_extractor)
+    assert _files(out) == reference
+    assert (out / "train-00001.shard").stat().st_mtime_ns == kept_mtime  # the whole one is kept
+
+
+def test_format_1_npy_store_is_read_and_replaced(tmp_path, images, small_extractor):
+    """A store of an older version (.npy shards) still reads; extraction rewrites it cleanly."""
+    new = tmp_path / "new"
+    index = _extract(images, new, small_extractor)
+    old = tmp_path / "old"
+    old.mkdir()
+    for shard in index["shard"].unique():
+        np.save(old / shard.replace(".shard", ".npy"), read_shard(new / shard))
+    index.assign(shard=index["shard"].str.replace(".shard", ".npy")).to_parquet(
+        old / "index.parquet", index=False
+    )
+    manifest = {"format": 1, "shards": {"train-00000.npy": "0" * 64}}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    ids = [40, 2, 17, 3]
+    np.testing.assert_array_equal(
+        _bits(FeatureStore(old).get(ids)), _bits(FeatureStore(new).get(ids))
+    )
+    _extract(images, old, small_extractor)
+    assert _files(old) == _files(new)  # no .npy left, nothing reused from the old manifest
 
 
 def test_changed_images_are_not_reused(tmp_path, images, small_extractor):
@@ -293,7 +345,7 @@ def test_killed_extraction_resumes_to_identical_output(tmp_path, images):
         """
     )
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
-    first = tmp_path / "killed" / "train-00000.npy"
+    first = tmp_path / "killed" / "train-00000.shard"
     deadline = time.monotonic() + 120
     while not first.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -323,8 +375,9 @@ def test_store_get_returns_rows_in_the_order_asked(store):
     assert len(store) == 7 and store.feature_shape == (1, 2048) and store.splits == ["train", "val"]
     assert store.image_ids("val").tolist() == [3, 40]
     assert store.image_ids("train").tolist() == [2, 5, 9, 11, 17]
+    shards = {name: read_shard(store.root / name) for name in store.index["shard"].unique()}
     every = {
-        i: np.load(store.root / shard, mmap_mode="r")[row]
+        i: shards[shard][row]
         for i, shard, row in store.index[["image_id", "shard", "row"]].itertuples(index=False)
     }
     asked = [40, 2, 17, 3, 2]
@@ -349,6 +402,69 @@ def test_feature_stats_match_numpy(store):
         store.feature_stats("test")
 
 
-def test_bytes_per_image_counts_the_whole_store(store):
-    shards = 7 * 2048 * 2  # float16 payload; headers, manifest and index come on top
-    assert shards / 7 < bytes_per_image(store.root) < shards / 7 + 4096
+def test_store_get_reads_only_the_rows_asked_for(store, monkeypatch):
+    """get touches the asked images' records in the mapped shard, never the rest of it."""
+    code = store._shard_names.index("train-00000.shard")  # ids 2, 5, 9 at rows 0, 1, 2
+    shard = store._shard(code)
+    mapped, touched = shard.data, []
+
+    class Recorder:  # stands in for the mapped file, noting every byte range read
+        def __getitem__(self, key):
+            assert isinstance(key, slice), f"read by {type(key).__name__}, not by byte range"
+            touched.append((key.start, key.stop))
+            return mapped[key]
+
+    monkeypatch.setattr(shard, "data", Recorder())
+    expected = np.stack([read_shard(store.root / "train-00000.shard")[2]] * 2)
+    np.testing.assert_array_equal(_bits(store.get([9, 9])), _bits(expected))
+    record = (shard.offsets[2], shard.offsets[3])
+    assert touched and all(record[0] <= a <= b <= record[1] for a, b in touched), touched
+
+
+def test_shard_round_trip_is_bit_identical(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    shape = (3, 7)  # 21 values: the mask's last byte is partial and padded
+    relu = np.maximum(rng.normal(size=(4, *shape)), 0).astype(np.float16)  # about half zeros
+    special = np.array(
+        [0.0, -0.0, np.nan, np.inf, -np.inf, 6e-8, -6e-8, 65504, -1.5, 1.0, 0.0] + [2.0] * 10,
+        np.float16,
+    ).reshape(1, *shape)  # -0.0 and NaN are nonzero bit patterns: kept as they are
+    original = np.concatenate(
+        [
+            np.zeros((1, *shape), np.float16),  # all zero: a mask and no values
+            relu,
+            rng.uniform(0.5, 2, (1, *shape)).astype(np.float16),  # no zeros at all
+            special,
+        ]
+    )  # (7, 3, 7)
+    write_shard(tmp_path / "s.shard", original)
+    back = read_shard(tmp_path / "s.shard")
+    assert back.dtype == np.float16 and back.shape == original.shape
+    np.testing.assert_array_equal(_bits(back), _bits(original))
+
+    # Rows out of order and repeated, over several decode blocks.
+    monkeypatch.setattr(features, "_DECODE_BLOCK", 3)
+    rows = np.array([6, 0, 5, 5, 1, 3, 2, 4, 0, 6])
+    got = features._SparseShard(tmp_path / "s.shard").read(rows)
+    np.testing.assert_array_equal(_bits(got), _bits(original[rows]))
+
+    with pytest.raises(ValueError, match="float16"):
+        write_shard(tmp_path / "f32.shard", original.astype(np.float32))
+    assert not (tmp_path / "f32.shard").exists()
+
+
+def test_store_is_at_most_half_of_float32(store):
+    """Shards hold a bitmask and the nonzero values; every file counts in bytes_per_image."""
+    files = sorted(p for p in store.root.iterdir() if p.is_file())
+    assert bytes_per_image(store.root) == sum(p.stat().st_size for p in files) / 7
+    for name, rows in store.index.groupby("shard")["row"]:
+        stored = read_shard(store.root / name)  # (n, 1, 2048)
+        n = len(rows)
+        expected = 32 + 8 * (n + 1) + n * 2048 // 8 + 2 * np.count_nonzero(_bits(stored))
+        assert (store.root / name).stat().st_size == expected, name
+    zeros = np.mean(
+        [(read_shard(store.root / n) == 0).mean() for n in store.index["shard"].unique()]
+    )
+    assert 0.3 < zeros < 0.7  # ReLU outputs: the test says something only if about half are zero
+    float32_bytes = 2048 * 4
+    assert bytes_per_image(store.root) <= float32_bytes / 2

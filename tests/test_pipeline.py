@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from captioning.features import SHARD_SUFFIX, FeatureStore, read_shard
 from pipeline_fixtures import (
     BLANK_CAPTION,
     KEPT_CASES,
@@ -130,11 +131,11 @@ def test_predictions_cover_the_test_split(demo):
 def test_features_are_float16_shards(demo):
     root = demo.project.root
     features = root / "data" / "features"
-    shards = sorted(features.glob("*.npy"))
+    shards = sorted(features.glob(f"*{SHARD_SUFFIX}"))
     assert shards, f"no shards in {features}: {sorted(p.name for p in features.iterdir())}"
     rows = 0
     for shard in shards:
-        array = np.load(shard, mmap_mode="r")
+        array = read_shard(shard)
         assert array.dtype == np.float16, (shard.name, array.dtype)
         assert array.ndim == 3 and array.shape[1:] == (64, 2048), (shard.name, array.shape)
         assert 0 < array.shape[0] <= 16, f"{shard.name}: {array.shape[0]} rows > shard_size 16"
@@ -322,9 +323,9 @@ def test_local_coco_folder_with_problem_files(tmp_path):
     features = root / "data" / "features"
     index = pd.read_parquet(features / "index.parquet").set_index("image_id")
     assert set(index.index) == set(images.index)
+    store = FeatureStore(features)
     for image_id in kept:
-        shard, row = index.loc[image_id, ["shard", "row"]]
-        vector = np.load(features / shard, mmap_mode="r")[row]
+        vector = store.get([image_id])[0]
         assert vector.dtype == np.float16 and np.isfinite(vector).all(), image_id
 
     # Predictions cover the kept test images, at least one of the awkward ones among them.

@@ -53,7 +53,7 @@ def data(tmp_path_factory):
     extract_features(
         images, root / "features", build_extractor("none", SIZE, 0), 8, 16, SIZE, False
     )
-    captions = {i: [CAPTION.format(c)] * 2 for i, c in zip(images.image_id, images.colour)}
+    captions = {i: [CAPTION.format(c)] * 2 for i, c in zip(images.image_id, images.colour, strict=True)}
     vocab = Vocabulary.build([c for cs in captions.values() for c in cs], 50)
     sets = {}
     for split in ("train", "val"):
@@ -187,7 +187,7 @@ def test_image_major_batches_cover_every_image_with_its_own_captions(data):
     seen = []
     for features, tokens in batches.as_numpy_iterator():
         assert tokens.shape[1] == 3 and features.shape[0] == tokens.shape[0] == 2  # 6 / 3 images
-        for image_features, image_tokens in zip(features, tokens):
+        for image_features, image_tokens in zip(features, tokens, strict=True):
             (match,) = np.flatnonzero((stored == image_features).all(axis=(1, 2)))
             owner = ids[match]
             own = train.tokens[train.image_ids == owner][:, : image_tokens.shape[1]]

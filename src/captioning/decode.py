@@ -3,8 +3,10 @@
 The one place that turns image features into captions; evaluate, reports, the
 CLI and the served model all call `CaptionDecoder.decode`. Each method runs its
 whole time loop inside one `tf.function` (a graph `while` loop over a batch of
-images), so a batch of 64 costs about what one image costs in a Python loop.
-All methods return the caption, its log-probability score and the 8x8 (64)
+images) that stops as soon as every caption in the batch has ended. On CPU the
+per-word matmuls are what a batch shares, so batches are several times cheaper
+per caption than single images, not free (`make bench` measures it). All
+methods return the caption, its log-probability score and the 8x8 (64)
 attention weights of every emitted word.
 """
 
@@ -80,7 +82,8 @@ class CaptionDecoder:
                 out = self._greedy(
                     batch,
                     tf.constant(max_len),
-                    tf.constant(temperature if method == "sample" else 0.0, tf.float32),
+                    method == "sample",
+                    tf.constant(temperature, tf.float32),
                     tf.constant([seed, start], tf.int32),
                 )
             parts.append([t.numpy() for t in out])
@@ -108,8 +111,14 @@ class CaptionDecoder:
             decoder.initial_state(encoded),
         )
 
-    def _greedy_loop(self, features, max_len, temperature, seed):
-        """temperature 0: argmax (greedy); > 0: stateless sampling from softmax(logits / T)."""
+    def _greedy_loop(self, features, max_len, sample: bool, temperature, seed):
+        """Argmax (greedy), or with `sample` seeded draws from softmax(logits / temperature).
+
+        `sample` is a Python bool, so greedy traces its own graph with no
+        sampling branch or seed arithmetic in the loop. The loop stops once
+        every row has emitted <end>; the steps it skips would only have written
+        <pad> and zero attention, which is what the outputs hold there.
+        """
         decoder, encoded, projected, state = self._prepare(features)
         batch = tf.shape(features)[0]
         tokens = tf.fill([batch], START_ID)
@@ -117,16 +126,29 @@ class CaptionDecoder:
         score = tf.zeros([batch], tf.float32)
         out_tokens = tf.TensorArray(tf.int32, size=max_len)
         out_weights = tf.TensorArray(tf.float32, size=max_len)
-        for t in tf.range(max_len):
+        t = tf.constant(0)
+        while t < max_len and not tf.reduce_all(done):
             logits, state, weights = decoder.step(tokens, state, encoded, projected)
             logp = tf.nn.log_softmax(logits)  # (B, V)
-            chosen = _pick(logits, temperature, tf.stack([seed[0], seed[1] * 100003 + t]))
+            if sample:
+                step_seed = tf.stack([seed[0], seed[1] * 100003 + t])
+                chosen = tf.random.stateless_categorical(
+                    logits / temperature, 1, seed=step_seed, dtype=tf.int32
+                )[:, 0]
+            else:
+                chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
             chosen = tf.where(done, PAD_ID, chosen)
             score += tf.where(done, 0.0, tf.gather(logp, chosen, batch_dims=1))
             out_tokens = out_tokens.write(t, chosen)
             out_weights = out_weights.write(t, tf.where(done[:, None], 0.0, weights))
             done = done | tf.equal(chosen, END_ID)
             tokens = chosen
+            t += 1
+        pad, no_weights = tf.fill([batch], PAD_ID), tf.zeros_like(encoded[:, :, 0])  # (B,), (B, L)
+        while t < max_len:
+            out_tokens = out_tokens.write(t, pad)
+            out_weights = out_weights.write(t, no_weights)
+            t += 1
         return (
             tf.transpose(out_tokens.stack()),  # (B, T)
             score,
@@ -140,7 +162,9 @@ class CaptionDecoder:
         zero cost, so they keep their score while unfinished ones compete;
         beams still open at max_len are capped there. The final pick divides
         each beam's log-probability by length ** length_penalty (0 = none).
-        With K = 1 this is exactly greedy decoding.
+        With K = 1 this is exactly greedy decoding. Once every beam is
+        finished, further steps would only append <pad> at zero cost (top_k
+        keeps the beams in order), so the loop stops and pads instead.
         """
         k = beam_size
         decoder, encoded, projected, state = self._prepare(features)
@@ -160,7 +184,7 @@ class CaptionDecoder:
         history = tf.zeros([batch, k, 0], tf.int32)
         att_history = tf.zeros([batch, k, 0, num_loc], tf.float32)
         pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=-1e9)  # (V,)
-        for _ in tf.range(max_len):
+        while tf.shape(history)[2] < max_len and not tf.reduce_all(done):
             tf.autograph.experimental.set_loop_options(
                 shape_invariants=[
                     (history, tf.TensorShape([None, k, None])),
@@ -192,6 +216,9 @@ class CaptionDecoder:
             rows = tf.reshape(parent + tf.range(batch)[:, None] * k, [-1])
             state = tf.gather(state, rows)
             tokens = tf.reshape(chosen, [-1])
+        missing = max_len - tf.shape(history)[2]  # steps skipped after every beam finished
+        history = tf.pad(history, [[0, 0], [0, 0], [0, missing]], constant_values=PAD_ID)
+        att_history = tf.pad(att_history, [[0, 0], [0, 0], [0, missing], [0, 0]])
         normalised = scores / tf.pow(tf.cast(tf.maximum(lengths, 1), tf.float32), length_penalty)
         best = tf.argmax(normalised, axis=-1, output_type=tf.int32)  # (B,)
         return (
@@ -199,17 +226,6 @@ class CaptionDecoder:
             tf.gather(normalised, best, batch_dims=1),
             tf.gather(att_history, best, batch_dims=1),
         )
-
-
-def _pick(logits, temperature, seed):
-    """argmax when temperature is 0, else a seeded draw from softmax(logits / temperature)."""
-    return tf.cond(
-        temperature > 0,
-        lambda: tf.random.stateless_categorical(logits / temperature, 1, seed=seed, dtype=tf.int32)[
-            :, 0
-        ],
-        lambda: tf.argmax(logits, axis=-1, output_type=tf.int32),
-    )
 
 
 def _caption_lengths(tokens: np.ndarray) -> np.ndarray:

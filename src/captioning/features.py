@@ -4,10 +4,13 @@
 feature extraction, attention reports and the served model all call it.
 `build_extractor` makes the InceptionV3 (no top) model whose 8x8x2048 grid is
 read as 64 locations of 2048 features, with ImageNet, random or file weights.
-`extract_features` writes a sharded, resumable store (`<split>-NNNNN.npy`
-float16 shards, `manifest.json` recording what each shard holds, and
-`index.parquet` written last), and `FeatureStore` reads it back memory-mapped,
-so nothing ever holds the whole data set in RAM.
+`extract_features` writes a sharded, resumable store (`<split>-NNNNN.shard`
+files, `manifest.json` recording what each shard holds, and `index.parquet`
+written last), and `FeatureStore` reads it back memory-mapped, so nothing ever
+holds the whole data set in RAM. A shard stores float16 features losslessly in
+about half of float16's bytes: InceptionV3 ends in ReLUs, so about half of all
+values are exactly zero, and each image is kept as a bitmask of its nonzero
+values plus those values (the layout is under "shard files" below).
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ DOWNLOAD_TIMEOUT_S = 10.0
 INDEX_FILE = "index.parquet"
 MANIFEST_FILE = "manifest.json"
 FEATURE_DTYPE = np.float16
-_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<number>\d{5})\.npy$")
+SHARD_SUFFIX = ".shard"
+# Format-1 stores had `.npy` shards: matched too, so re-extraction removes them.
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<number>\d{5})\.(shard|npy)$")
 _TMP_SUFFIX = ".tmp"
-_FORMAT = 1  # bump when the meaning of a shard key changes, so old shards are redone
+_FORMAT = 2  # bump when a shard key or the shard layout changes, so old shards are redone
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -230,11 +235,146 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+# ----------------------------------------------------------------------------- shard files
+#
+# A shard holds n images of (L, C) float16 features, all little-endian:
+#   header   32 bytes: magic b"CAPSHRD2", then n, L, C as uint64
+#   offsets  (n + 1) uint64: byte offset of each image's record from the file
+#            start; the last one is the file size
+#   records  per image: a bitmask of its nonzero values (np.packbits order,
+#            L*C bits, padded to an even byte count so the values stay 2-byte
+#            aligned), then those values as float16, in row-major order
+# "Nonzero" is by bit pattern, so -0.0, NaN and subnormals survive bit for bit.
+# The offsets let a reader fetch any image with two slices of the mapped file.
+
+_SHARD_MAGIC = b"CAPSHRD2"
+_SHARD_HEADER = np.dtype(
+    [("magic", "S8"), ("images", "<u8"), ("locations", "<u8"), ("channels", "<u8")]
+)
+_DECODE_BLOCK = 8  # images decoded at once: their temporaries (~6 MB at 64x2048) stay in cache
+
+
+def _mask_bytes(values: int) -> int:
+    return -(-values // 16) * 2  # ceil(values / 8) rounded up to even
+
+
+def _encode_shard(fh, features: np.ndarray) -> None:
+    """Write (n, L, C) float16 features to an open binary file in the shard layout."""
+    n, locations, channels = features.shape
+    bits = np.ascontiguousarray(features, "<f2").reshape(n, -1).view("<u2")  # (n, L*C)
+    mask_bytes = _mask_bytes(locations * channels)
+    # Counted row by row: count_nonzero(axis=1) would make an (n, L*C) bool temporary.
+    nonzeros = np.array([np.count_nonzero(row) for row in bits], np.int64)  # (n,)
+    sizes = mask_bytes + 2 * nonzeros  # (n,) record bytes
+    first = _SHARD_HEADER.itemsize + 8 * (n + 1)
+    offsets = first + np.concatenate([[0], np.cumsum(sizes)])  # (n + 1,)
+    fh.write(np.array([(_SHARD_MAGIC, n, locations, channels)], _SHARD_HEADER).tobytes())
+    fh.write(offsets.astype("<u8").tobytes())
+    for row in bits:  # one image at a time: the mask temporaries stay small
+        nonzero = row != 0
+        packed = np.packbits(nonzero)
+        fh.write(packed.tobytes() + bytes(mask_bytes - len(packed)))
+        fh.write(row[nonzero].tobytes())
+
+
+class _SparseShard:
+    """A shard file, memory-mapped; `read` decodes only the records of the rows asked for."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        head = _SHARD_HEADER.itemsize
+        if size < head:
+            raise ValueError(f"{path}: {size} bytes, shorter than a shard header")
+        self.data = np.memmap(path, np.uint8, mode="r")  # (size,) the whole file, mapped
+        header = self.data[:head].view(_SHARD_HEADER)[0]
+        if header["magic"] != _SHARD_MAGIC:
+            raise ValueError(f"{path}: not a feature shard (magic {bytes(header['magic'])!r})")
+        n, locations, channels = (int(header[k]) for k in ("images", "locations", "channels"))
+        self.shape = (n, locations, channels)
+        self.mask_bytes = _mask_bytes(locations * channels)
+        if size < head + 8 * (n + 1):
+            raise ValueError(f"{path}: truncated in its offsets table")
+        offsets = np.array(self.data[head : head + 8 * (n + 1)].view("<u8"), np.int64)
+        records = np.diff(offsets) - self.mask_bytes  # (n,) value bytes of each image
+        if (
+            offsets[0] != head + 8 * (n + 1)
+            or offsets[-1] != size
+            or (records < 0).any()
+            or (records % 2).any()
+        ):
+            raise ValueError(f"{path}: {size} bytes, offsets say {offsets[-1]} (truncated?)")
+        self.offsets = offsets  # (n + 1,)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Features of the given rows, in that order: (k, L, C) float16."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        values_per_image = self.shape[1] * self.shape[2]
+        out = np.zeros((len(rows), *self.shape[1:]), FEATURE_DTYPE)  # (k, L, C)
+        for start in range(0, len(rows), _DECODE_BLOCK):
+            block = rows[start : start + _DECODE_BLOCK]
+            begins, ends = self.offsets[block], self.offsets[block + 1]
+            masks = np.stack([self.data[b : b + self.mask_bytes] for b in begins])  # (b, M)
+            values = np.concatenate(
+                [self.data[b + self.mask_bytes : e] for b, e in zip(begins, ends, strict=True)]
+            ).view("<u2")  # (nnz,) float16 bit patterns
+            nonzero = np.unpackbits(masks, axis=1, count=values_per_image).view(bool)  # (b, L*C)
+            # flatnonzero (on bool, not uint8) + fancy assignment: several times faster
+            # than a boolean-mask assignment, whose branches mispredict on random zeros.
+            positions = np.flatnonzero(nonzero)  # (nnz,) into the block's flat values
+            if len(positions) != len(values):
+                raise ValueError(f"{self.path}: a record of rows {block.tolist()} is corrupt")
+            target = out[start : start + len(block)].reshape(-1).view(np.uint16)  # (b*L*C,)
+            target[positions] = values
+        return out
+
+
+class _NpyShard:
+    """A format-1 shard: a float16 `.npy` array (n, L, C).
+
+    Read so that older stores and hand-written test stores keep working;
+    `extract_features` never writes one and replaces any it finds.
+    """
+
+    def __init__(self, path: Path):
+        self.array = np.load(path, mmap_mode="r")  # (n, L, C)
+        if self.array.ndim != 3 or self.array.dtype != FEATURE_DTYPE:
+            raise ValueError(
+                f"{path}: {self.array.dtype} {self.array.shape}, not (n, L, C) float16"
+            )
+        self.shape = self.array.shape
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[np.asarray(rows, np.int64).reshape(-1)])  # (k, L, C)
+
+
+def _open_shard(path: Path) -> _SparseShard | _NpyShard:
+    return _NpyShard(path) if path.suffix == ".npy" else _SparseShard(path)
+
+
+def write_shard(path: str | Path, features: np.ndarray) -> None:
+    """Write (n, L, C) float16 features as one shard file, atomically (for tools and tests)."""
+    features = np.asarray(features)
+    if features.ndim != 3 or features.dtype != FEATURE_DTYPE:
+        raise ValueError(f"want (n, L, C) float16 features, got {features.dtype} {features.shape}")
+    _atomic_write(Path(path), lambda fh: _encode_shard(fh, features))
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """A whole shard file (either format) as (n, L, C) float16, in memory (for tools and tests).
+
+    Training and evaluation read through `FeatureStore.get`, which decodes only
+    the images asked for.
+    """
+    shard = _open_shard(Path(path))
+    return shard.read(np.arange(shard.shape[0]))
+
+
 # ----------------------------------------------------------------------------- writer
 
 
 def _shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:05d}.npy"
+    return f"{split}-{number:05d}{SHARD_SUFFIX}"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -252,10 +392,9 @@ def _atomic_write(path: Path, write) -> None:
 
 def _complete_shard(path: Path, shape: tuple[int, ...]) -> bool:
     try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):  # absent or truncated
+        return _SparseShard(path).shape == shape
+    except (OSError, ValueError):  # absent, truncated or not a shard
         return False
-    return array.shape == shape and array.dtype == FEATURE_DTYPE
 
 
 def _unique_images(images: pd.DataFrame) -> pd.DataFrame:
@@ -466,7 +605,7 @@ def extract_features(
                     ) from err
                 features[start : start + len(batch)] = forward(batch).numpy()  # (b, L, C)
                 bar.update(len(batch))
-            _atomic_write(out / shard["name"], lambda fh, a=features: np.save(fh, a))
+            _atomic_write(out / shard["name"], lambda fh, a=features: _encode_shard(fh, a))
             done[shard["name"]] = shard["key"]
             _write_manifest(out, done)
 
@@ -492,16 +631,16 @@ class FeatureStore:
         self._shard_codes = codes  # (N,) position -> shard number
         self._shard_names = list(names)
         self._rows = self.index["row"].to_numpy()  # (N,)
-        self._memmaps: dict[int, np.ndarray] = {}
+        self._shards: dict[int, _SparseShard | _NpyShard] = {}
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _shard(self, code: int) -> np.ndarray:
-        """The shard's array (n, L, C) float16, opened memory-mapped on first use."""
-        if code not in self._memmaps:
-            self._memmaps[code] = np.load(self.root / self._shard_names[code], mmap_mode="r")
-        return self._memmaps[code]
+    def _shard(self, code: int) -> _SparseShard | _NpyShard:
+        """The shard file, opened memory-mapped on first use."""
+        if code not in self._shards:
+            self._shards[code] = _open_shard(self.root / self._shard_names[code])
+        return self._shards[code]
 
     @property
     def feature_shape(self) -> tuple[int, int] | None:
@@ -529,10 +668,13 @@ class FeatureStore:
         if not len(ids):
             return np.empty((0, *(self.feature_shape or (0, 0))), FEATURE_DTYPE)
         codes = self._shard_codes[positions]  # (k,)
+        shards = np.unique(codes)
+        if len(shards) == 1:  # the usual case: decode straight into the result
+            return self._shard(shards[0]).read(self._rows[positions])
         out = np.empty((len(ids), *self.feature_shape), FEATURE_DTYPE)  # (k, L, C)
-        for code in np.unique(codes):
+        for code in shards:
             wanted = np.flatnonzero(codes == code)
-            out[wanted] = self._shard(code)[self._rows[positions[wanted]]]
+            out[wanted] = self._shard(code).read(self._rows[positions[wanted]])
         return out
 
     def feature_stats(
@@ -553,10 +695,10 @@ class FeatureStore:
         chunk = max(1, (1 << 22) // (locations * channels))  # images per ~32 MB float64 chunk
         count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
         for shard, part in rows.groupby("shard", sort=False):
-            array = self._shard(self._shard_names.index(shard))
+            reader = self._shard(self._shard_names.index(shard))
             picks = part["row"].to_numpy()
             for start in range(0, len(picks), chunk):
-                block = array[picks[start : start + chunk]].astype(np.float64)  # (c, L, C)
+                block = reader.read(picks[start : start + chunk]).astype(np.float64)  # (c, L, C)
                 block = block.reshape(-1, channels)  # (c*L, C)
                 n_b = len(block)
                 mean_b = block.mean(axis=0)
@@ -570,7 +712,7 @@ class FeatureStore:
 
     @property
     def disk_bytes(self) -> int:
-        """Bytes on disk of the whole store (shards, manifest, index)."""
+        """Bytes on disk of every file in the store: shards, manifest, index, extractor.json."""
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
 
 

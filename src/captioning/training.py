@@ -282,7 +282,12 @@ class ValCaptionScore(keras.callbacks.Callback):
         logs["val_CIDEr"] = metrics.score(self.references, candidates, ("CIDEr",)).corpus["CIDEr"]
         if self.objects is not None:
             logs["val_object_accuracy"] = float(
-                np.mean([demo.caption_correct(c, self.objects.get(i, [])) for i, c in candidates.items()])
+                np.mean(
+                    [
+                        demo.caption_correct(c, self.objects.get(i, []))
+                        for i, c in candidates.items()
+                    ]
+                )
             )
 
 
