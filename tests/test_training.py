@@ -53,7 +53,9 @@ def data(tmp_path_factory):
     extract_features(
         images, root / "features", build_extractor("none", SIZE, 0), 8, 16, SIZE, False
     )
-    captions = {i: [CAPTION.format(c)] * 2 for i, c in zip(images.image_id, images.colour, strict=True)}
+    captions = {
+        i: [CAPTION.format(c)] * 2 for i, c in zip(images.image_id, images.colour, strict=True)
+    }
     vocab = Vocabulary.build([c for cs in captions.values() for c in cs], 50)
     sets = {}
     for split in ("train", "val"):
