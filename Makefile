@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install init repro test test-fast lint bench bench-decoders bench-serve serve gate clean \
+.PHONY: help install init repro test test-fast lint bench bench-decoders bench-serve serve gate clean sweep \
 	repro-ci ci-comment record-base
 
 help: ## list the targets
@@ -48,6 +48,15 @@ bench: install ## print the speed and memory benchmarks (see README)
 bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
 	$(BIN)/python -m benchmarks.run --only decoders --out reports/bench_decoders.json
 
+# A small grid on the demo data, one DVC experiment per point, run one at a time.
+SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
+sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time, print the table
+	$(BIN)/dvc exp run --queue $(SWEEP)
+	$(BIN)/dvc queue start --jobs 1
+	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
+	$(BIN)/dvc queue status
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --sort-by metrics.json:CIDEr --sort-order desc
+
 SERVE_PORT ?= 5001
 MODEL_NAME ?= image-captioner
 serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)
@@ -59,7 +68,7 @@ bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 
 # --- CI: .github/workflows/ci.yml runs these same targets (the README, "Pull requests and quality gates") ---
 CI_DIR := build/ci
 # The CI-sized demo run, as `dvc exp run -S` overrides: a few minutes on a CI runner.
-CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.epochs=8 report.num_images=3
+CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.captions_per_image=5 train.epochs=8 report.num_images=3
 # What the gate compares with: BASE_REF=main (a git revision: `dvc metrics diff`), or
 # BASE_DIR=build/ci/base (metrics.json + train_history.csv that CI recorded for the base commit).
 BASE_REF ?=

@@ -27,7 +27,7 @@ class DataParams:
     source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
     path: str | None = None
     seed: int = 2014
-    demo_train_images: int = 800
+    demo_train_images: int = 2000
     demo_val_images: int = 240
     # Downloaded sources (captioning.data.fetch); None means the official host/URL.
     base_url: str | None = None
@@ -79,8 +79,8 @@ class TrainParams:
     encoder_dim: int = 256
     batch_size: int = 64
     # Image-major batches: K captions per image share one encoder pass (0: one row per caption).
-    captions_per_image: int = 5
-    epochs: int = 20
+    captions_per_image: int = 1
+    epochs: int = 15
     learning_rate: float = 1e-3
     # Decay over `epochs` (cosine down to lr_min_fraction * learning_rate) or constant.
     lr_schedule: Literal["cosine", "constant"] = "cosine"
