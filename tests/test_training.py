@@ -72,6 +72,7 @@ PARAMS = TrainParams(
     attention_units=16,
     encoder_dim=16,
     batch_size=8,
+    captions_per_image=0,  # every caption each epoch: 6 steps of 8
     epochs=6,
     learning_rate=1e-2,
     early_stopping_patience=10,
@@ -216,3 +217,16 @@ def test_image_major_loss_equals_the_per_caption_loss(data):
     )
     for a, b in zip(grouped[:3], flat[:3], strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+
+
+def test_training_epochs_drop_a_short_last_batch_but_validation_keeps_every_row(data):
+    store, _, sets, _, _ = data
+    train = sets["train"]  # 48 captions of 24 images
+    batches = caption_batches(store, train, 10, seed=1)
+    first = [tokens for _, tokens in batches.as_numpy_iterator()]
+    second = [tokens for _, tokens in batches.as_numpy_iterator()]
+    assert [len(t) for t in first] == [10] * 4 == [len(t) for t in second]  # 48 // 10 full
+    assert steps_per_epoch(train, 10, None) == 4
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    val = [t for _, t in caption_batches(store, sets["val"], 5, seed=None).as_numpy_iterator()]
+    assert sum(len(t) for t in val) == len(sets["val"])  # 12 captions: 5 + 5 + 2

@@ -24,12 +24,27 @@ import yaml
 DEFAULT_EXPERIMENT = "image-captioning"
 
 
+def project_root(repo_root: str | Path) -> Path:
+    """The repository a run belongs to, also from inside a queued DVC experiment.
+
+    `dvc queue start` runs each queued experiment in a temporary copy of the
+    repository under `<repo>/.dvc/tmp/exps/`, deleted afterwards; its runs
+    belong in `<repo>`'s store, not in the copy's.
+    """
+    root = Path(repo_root).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def tracking_uri(repo_root: str | Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else an absolute sqlite URI to `<repo>/mlflow.db`."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{project_root(repo_root) / 'mlflow.db'}"
 
 
 def configure(repo_root: str | Path) -> str:

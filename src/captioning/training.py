@@ -75,7 +75,8 @@ def caption_batches(
     keys then run once per image instead of once per caption, and the feature
     store is read K times less.
 
-    seed None keeps store order (validation). Each batch is cut to its longest
+    seed None keeps store order and every row (validation); with a seed, rows
+    after the last full batch are left for the next epoch. Each batch is cut to its longest
     caption (rounded up to a multiple of 8) so the time loop does not run over
     padding.
     """
@@ -140,11 +141,12 @@ def caption_batches(
 
 
 def steps_per_epoch(captions: CaptionSet, batch_size: int, captions_per_image: int | None) -> int:
-    """Batches `caption_batches` makes per epoch with these settings."""
-    if not captions_per_image:
-        return -(-len(captions) // batch_size)
-    per_batch = max(1, round(batch_size / captions_per_image))
-    return -(-len(np.unique(captions.image_ids)) // per_batch)
+    """Training batches `caption_batches` makes per epoch (full batches only)."""
+    units, per_batch = len(captions), batch_size
+    if captions_per_image:
+        units = len(np.unique(captions.image_ids))
+        per_batch = max(1, round(batch_size / captions_per_image))
+    return max(1, units // per_batch)
 
 
 def _length_buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -> list:
@@ -152,9 +154,13 @@ def _length_buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng
 
     Within windows of 20 batches rows are sorted by length, then the batches
     are shuffled. Batches are cut to their longest caption, so this cuts the
-    time steps spent on padding (the time loop is most of the cost) while
-    every epoch still sees every caption once, in a seeded random order.
+    time steps spent on padding (the time loop is most of the cost). The
+    shuffled rows left over after the last full batch wait for the next epoch
+    (different ones each time): a short batch would be one more shape for XLA
+    to compile, about as slow as an epoch's worth of steps on two cores.
     """
+    if len(order) >= batch_size:
+        order = order[: len(order) // batch_size * batch_size]
     window = batch_size * 20
     batches = []
     for start in range(0, len(order), window):
