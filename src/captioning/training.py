@@ -177,6 +177,17 @@ def settings_fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def code_fingerprint() -> str:
+    """Hash of the modules that decide what training computes: a resume needs the same code."""
+    from captioning import decode, metrics, model
+
+    digest = hashlib.sha256()
+    for module in (model, decode, metrics):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def store_fingerprint(store: FeatureStore) -> str:
     """Identity of a feature store: its index and extractor files, hashed."""
     digest = hashlib.sha256()
@@ -383,6 +394,7 @@ def fit_captioner(
         store_fingerprint(store),
         sorted(val_references or {}),
         val_objects is not None,
+        code_fingerprint(),
     )
     state = _resume_state(checkpoint_dir, fingerprint)
     initial_epoch = 0
