@@ -36,6 +36,7 @@ def main() -> None:
     serving = ServingConfig(
         decoder=evaluate.decoder,
         beam_size=evaluate.beam_size,
+        length_penalty=evaluate.length_penalty,
         max_length=evaluate.max_len,
         temperature=evaluate.temperature,
         max_batch=params.max_batch,

@@ -146,6 +146,7 @@ def test_decoding_settings_merge_over_the_defaults_and_check_ranges():
     assert decoding_settings(None, defaults) == {
         "decoder": "beam",
         "beam_size": 4,
+        "length_penalty": 1.0,
         "max_length": 20,
         "temperature": 1.0,
         "return_attention": False,
@@ -157,6 +158,8 @@ def test_decoding_settings_merge_over_the_defaults_and_check_ranges():
         ({"beam_size": 1000}, "params.beam_size=1000"),
         ({"max_length": True}, "params.max_length=True"),
         ({"temperature": 0.0}, "params.temperature=0.0"),
+        ({"length_penalty": -1}, "params.length_penalty=-1"),
+        ({"length_penalty": "long"}, "params.length_penalty='long'"),
         ({"return_attention": "yes"}, "params.return_attention='yes'"),
     ]:
         with pytest.raises(MlflowException) as err:
@@ -417,6 +420,7 @@ def test_logged_model_has_signature_example_pinned_requirements_and_code(client,
     assert params == {
         "decoder": "beam",
         "beam_size": EvaluateParams().beam_size,
+        "length_penalty": EvaluateParams().length_penalty,
         "max_length": EvaluateParams().max_len,
         "temperature": 1.0,
         "return_attention": False,
@@ -485,8 +489,8 @@ class Project:
             REPO_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__")
         )
         params = {
-            "evaluate": {"split": "test", "decoder": "greedy", "beam_size": 3, "temperature": 1.0,
-                         "max_len": 24, "batch_size": 8},
+            "evaluate": {"split": "test", "decoder": "greedy", "beam_size": 3, "length_penalty": 1.0,
+                         "temperature": 1.0, "max_len": 24, "batch_size": 8},
             "register": {"model_name": "image-captioner", "max_batch": max_batch,
                          "max_pixels": 89_478_485},
         }  # fmt: skip

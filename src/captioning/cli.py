@@ -23,6 +23,7 @@ def _caption(args: argparse.Namespace) -> int:
             args.images,
             method=args.decoder,
             beam_size=args.beam_size,
+            length_penalty=args.length_penalty,
             max_len=args.max_len,
             batch_size=args.batch_size,
         )
@@ -83,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("images", nargs="+", help="JPEG or PNG files")
     cap.add_argument("--model", default="models/captioner.keras", help="trained .keras model")
     cap.add_argument("--decoder", choices=["greedy", "sample", "beam"], default="greedy")
-    cap.add_argument("--beam-size", type=int, default=3)
+    cap.add_argument("--beam-size", type=int, default=EvaluateParams().beam_size)
+    cap.add_argument(
+        "--length-penalty",
+        type=float,
+        default=EvaluateParams().length_penalty,
+        help="beam: rank by log-prob / words**this (default: evaluate.length_penalty's default)",
+    )
     cap.add_argument(
         "--max-len",
         type=int,

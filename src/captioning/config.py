@@ -103,6 +103,7 @@ class EvaluateParams:
     split: Literal["train", "val", "test"] = "test"
     decoder: Literal["greedy", "sample", "beam"] = "greedy"
     beam_size: int = 3
+    length_penalty: float = 1.0
     temperature: float = 1.0
     max_len: int = 40
     batch_size: int = 64

@@ -65,6 +65,7 @@ def decode_images(
                 method=params.decoder,
                 max_len=params.max_len,
                 beam_size=params.beam_size,
+                length_penalty=params.length_penalty,
                 temperature=params.temperature,
                 batch_size=params.batch_size,
                 seed=start,

@@ -314,6 +314,7 @@ def render_index(
     """The whole page as one string: sample sections, then best and worst galleries."""
     settings = html.escape(
         f"split={evaluate.split}, decoder={evaluate.decoder}, beam_size={evaluate.beam_size}, "
+        f"length_penalty={evaluate.length_penalty}, "
         f"temperature={evaluate.temperature}, max_len={evaluate.max_len}; "
         f"sample of {len(selection.sample)} drawn with seed {report.seed}"
     )

@@ -64,6 +64,7 @@ class ServingConfig:
 
     decoder: str = EvaluateParams.decoder
     beam_size: int = EvaluateParams.beam_size
+    length_penalty: float = EvaluateParams.length_penalty
     max_length: int = EvaluateParams.max_len
     temperature: float = EvaluateParams.temperature
     max_batch: int = 16
@@ -172,6 +173,7 @@ def decoding_settings(params: dict[str, Any] | None, config: ServingConfig) -> d
     settings = {
         "decoder": params.get("decoder", config.decoder),
         "beam_size": params.get("beam_size", config.beam_size),
+        "length_penalty": params.get("length_penalty", config.length_penalty),
         "max_length": params.get("max_length", config.max_length),
         "temperature": params.get("temperature", config.temperature),
         "return_attention": params.get("return_attention", False),
@@ -194,6 +196,9 @@ def decoding_settings(params: dict[str, Any] | None, config: ServingConfig) -> d
         or temperature <= 0
     ):
         raise bad_request(f"params.temperature={temperature!r}: expected a positive number")
+    penalty = settings["length_penalty"]
+    if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not 0 <= penalty <= 5:
+        raise bad_request(f"params.length_penalty={penalty!r}: expected a number from 0 to 5")
     if not isinstance(settings["return_attention"], bool | np.bool_):
         raise bad_request(
             f"params.return_attention={settings['return_attention']!r}: expected true or false"
@@ -245,6 +250,7 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
                 method=settings["decoder"],
                 max_len=settings["max_length"],
                 beam_size=settings["beam_size"],
+                length_penalty=float(settings["length_penalty"]),
                 temperature=float(settings["temperature"]),
                 batch_size=self.config.max_batch,
             )
@@ -309,6 +315,7 @@ def captioner_signature(config: ServingConfig) -> ModelSignature:
             [
                 ParamSpec("decoder", "string", config.decoder),
                 ParamSpec("beam_size", "long", config.beam_size),
+                ParamSpec("length_penalty", "double", float(config.length_penalty)),
                 ParamSpec("max_length", "long", config.max_length),
                 ParamSpec("temperature", "double", float(config.temperature)),
                 ParamSpec("return_attention", "boolean", False),
