@@ -212,10 +212,16 @@ def test_cli_captions_match_evaluate(demo):
 def test_dvc_plots_render_every_declared_plot(demo):
     project = demo.project
     done = project.dvc("plots", "show", "--json")
-    shown = json.loads(done.stdout)
-    titles = set(shown)
-    for title in ("Training loss", "Val CIDEr (greedy, fixed val sample)"):
-        assert title in titles, titles
+    shown = json.loads(done.stdout)["data"]
+    titles = (
+        "Training loss",
+        "Val CIDEr (greedy, fixed val sample)",
+        "Scores by caption length (test split)",
+    )
+    assert set(titles) <= set(shown), sorted(shown)
+    for title in titles:
+        (plot,) = shown[title]
+        assert plot["content"]["data"]["values"], f"{title}: no points"
     by_length = pd.read_csv(project.root / "reports" / "scores_by_length.csv")
     assert list(by_length.columns) == [
         "reference_words", "images", "BLEU-4", "CIDEr", "object_accuracy",
