@@ -52,10 +52,8 @@ bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores 
 SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
 sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time, print the table
 	$(BIN)/dvc exp run --queue $(SWEEP)
-	$(BIN)/dvc queue start --jobs 1
-	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 30; done
-	$(BIN)/dvc queue status
-	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --sort-by metrics.json:CIDEr --sort-order desc
+	$(BIN)/dvc exp run --run-all --jobs 1
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --sort-by reports/metrics.json:CIDEr --sort-order desc --no-pager
 
 SERVE_PORT ?= 5001
 MODEL_NAME ?= image-captioner
