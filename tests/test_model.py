@@ -72,6 +72,38 @@ def test_whole_sequence_call_matches_word_by_word_steps():
         np.testing.assert_allclose(step_weights.numpy(), weights[:, t].numpy(), atol=1e-5)
 
 
+def test_fused_recurrence_is_keras_attention_then_gru_cell():
+    """The decoder's hand-fused step computes exactly attention + Keras' GRUCell on [context, word]."""
+    model, _ = small_model()
+    features, tokens = batch()
+    decoder = model.decoder
+    encoded = model.encoder(features)
+    projected = decoder.attention.project_features(encoded)
+    state = decoder.initial_state(encoded) + tf.random.normal((4, 24), seed=1)
+    context, weights = decoder.attention(encoded, state)
+    x = tf.concat([context, decoder.embedding(tokens[:, 2])], axis=-1)
+    _, [expected] = decoder.gru(x, [state])
+    logits, got, got_weights = decoder.step(tokens[:, 2], state, encoded, projected)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_weights.numpy(), weights.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        logits.numpy(), decoder.fc2(decoder.fc1(expected)).numpy(), atol=1e-5
+    )
+
+
+def test_location_embedding_tells_identical_locations_apart(tmp_path):
+    model, _ = small_model(location_embedding=True)
+    same = np.ones((1, 9, 32), dtype=np.float16)  # every location sees the same feature
+    encoded = model.encoder(same).numpy()[0]
+    assert not np.allclose(encoded[0], encoded[1])
+    plain, _ = small_model()
+    np.testing.assert_allclose(plain.encoder(same).numpy()[0][0], plain.encoder(same).numpy()[0][1])
+    model.save(tmp_path / "m.keras")
+    reloaded = load_captioner(str(tmp_path / "m.keras"))
+    assert reloaded.model_config.location_embedding
+    np.testing.assert_allclose(reloaded.encoder(same).numpy()[0], encoded, atol=1e-6)
+
+
 def test_gru_state_is_carried_between_words():
     """Changing an early word must change later logits even with attention frozen out."""
     model, _ = small_model()

@@ -18,11 +18,13 @@ from PIL import Image
 
 from captioning.config import TrainParams
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model import ModelConfig, build_captioner
+from captioning.model import ModelConfig, build_captioner, masked_loss
 from captioning.text import Vocabulary
 from captioning.training import (
     CaptionSet,
     EpochCheckpoint,
+    HeldOutLoss,
+    caption_arrays,
     caption_batches,
     fit_captioner,
     make_optimizer,
@@ -230,3 +232,44 @@ def test_training_epochs_drop_a_short_last_batch_but_validation_keeps_every_row(
     assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     val = [t for _, t in caption_batches(store, sets["val"], 5, seed=None).as_numpy_iterator()]
     assert sum(len(t) for t in val) == len(sets["val"])  # 12 captions: 5 + 5 + 2
+
+
+def test_held_out_loss_is_the_mean_over_val_batches_of_the_masked_loss(data):
+    store, vocab, sets, _, extractor = data
+    config = ModelConfig(
+        vocab_size=len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8,
+        feature_dim=store.feature_shape[1], num_locations=store.feature_shape[0], **extractor,
+    )  # fmt: skip
+    model = build_captioner(config, vocab, seed=0)
+    batches = list(caption_arrays(store, sets["val"], 5, None))
+    assert [len(t) for _, t in batches] == [5, 5, 2]  # every val caption, in store order
+    expected = []
+    for features, tokens in batches:
+        logits, weights = model((features, tokens[:, :-1]))
+        expected.append([float(v) for v in masked_loss(tokens[:, 1:], logits, weights, 1.0)])
+    callback = HeldOutLoss(lambda: iter(batches), jit_compile=False)
+    callback.set_model(model)
+    logs = {"loss": 1.0}
+    callback.on_epoch_end(0, logs)
+    assert set(logs) == {"loss", "val_loss", "val_ce", "val_attention_penalty", "val_token_accuracy"}
+    loss, ce, penalty = np.mean(expected, axis=0)
+    assert logs["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert logs["val_ce"] == pytest.approx(ce, rel=1e-5)
+    assert logs["val_attention_penalty"] == pytest.approx(penalty, rel=1e-5)
+    assert 0.0 <= logs["val_token_accuracy"] <= 1.0
+
+
+def test_endless_batches_reshuffle_every_epoch_and_keep_widths_tight(data):
+    store, _, sets, _, _ = data
+    train = sets["train"]  # 24 images, 2 captions each
+    stream = caption_arrays(store, train, 4, seed=5, captions_per_image=1, epochs=None)
+    per_epoch = steps_per_epoch(train, 4, 1)
+    epochs = [[next(stream) for _ in range(per_epoch)] for _ in range(3)]
+    for batches in epochs:
+        seen = {f.tobytes() for features, _ in batches for f in features}
+        assert len(seen) == 24  # every image once per epoch
+        for _, tokens in batches:  # cut to the longest chosen caption, rounded up to 8
+            longest = int((tokens != 0).sum(axis=-1).max())
+            assert tokens.shape[-1] == min(-(-longest // 8) * 8, train.tokens.shape[1])
+    orders = [[f.tobytes() for features, _ in batches for f in features] for batches in epochs]
+    assert orders[0] != orders[1] != orders[2]

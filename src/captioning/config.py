@@ -77,6 +77,8 @@ class TrainParams:
     units: int = 512
     attention_units: int = 512
     encoder_dim: int = 256
+    # A learned embedding per feature-map location added to the encoded features.
+    location_embedding: bool = False
     batch_size: int = 64
     # Image-major batches: K captions per image share one encoder pass (0: one row per caption).
     captions_per_image: int = 1

@@ -43,6 +43,9 @@ class ModelConfig:
     num_locations: int = 64
     attention_penalty: float = 1.0
     label_smoothing: float = 0.0
+    # A learned vector per feature-map location added to the encoded features, so the
+    # attended context says where it looked (the tutorial has none).
+    location_embedding: bool = False
     # The extractor that made the features: inference must rebuild the same one.
     image_size: int = 299
     extractor_weights: str = "none"
@@ -52,12 +55,23 @@ class ModelConfig:
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CNNEncoder(layers.Layer):
-    """Standardise InceptionV3 features, then Dense(encoder_dim) + ReLU per location."""
+    """Standardise InceptionV3 features, then Dense(encoder_dim) + ReLU per location.
 
-    def __init__(self, encoder_dim: int, feature_dim: int = 2048, **kwargs):
+    With `num_locations` set, a learned embedding per location is added after the
+    ReLU: a weighted sum of encoded features then also carries where the weight was.
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        feature_dim: int = 2048,
+        num_locations: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.encoder_dim = encoder_dim
         self.feature_dim = feature_dim
+        self.num_locations = num_locations
         self.fc = layers.Dense(encoder_dim, activation="relu", name="fc")
 
     def build(self, input_shape=None):
@@ -69,6 +83,12 @@ class CNNEncoder(layers.Layer):
             shape=(self.feature_dim,), initializer="ones", trainable=False, name="feature_std"
         )
         self.fc.build((None, None, self.feature_dim))
+        if self.num_locations:
+            self.location = self.add_weight(
+                shape=(self.num_locations, self.encoder_dim),
+                initializer=keras.initializers.RandomNormal(stddev=0.1),
+                name="location",
+            )
 
     def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Use train-set per-channel statistics; tiny stds are floored to avoid blow-ups."""
@@ -78,13 +98,17 @@ class CNNEncoder(layers.Layer):
 
     def call(self, features):
         x = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std  # (B, L, F)
-        return self.fc(x)  # (B, L, E)
+        encoded = self.fc(x)  # (B, L, E)
+        if self.num_locations:
+            encoded = encoded + self.location
+        return encoded
 
     def get_config(self):
         return {
             **super().get_config(),
             "encoder_dim": self.encoder_dim,
             "feature_dim": self.feature_dim,
+            "num_locations": self.num_locations,
         }
 
 
@@ -109,7 +133,11 @@ class BahdanauAttention(layers.Layer):
         return self.W1(features)  # (B, L, A)
 
     def attend(self, features, projected, hidden):
-        energy = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, L, A)
+        return self.attend_query(features, projected, self.W2(hidden))
+
+    def attend_query(self, features, projected, query):
+        """`attend` with W2 hidden already computed (the decoder fuses it with the GRU's matmul)."""
+        energy = tf.tanh(projected + query[:, None, :])  # (B, L, A)
         # V as an einsum rather than Dense on a 3-D tensor: same weights, and it
         # keeps the loop body free of dynamic-shape tensordots (XLA-friendly).
         score = tf.einsum("bla,ao->blo", energy, self.V.kernel)[..., 0] + self.V.bias[0]  # (B, L)
@@ -166,11 +194,42 @@ class AttentionGRUDecoder(layers.Layer):
         """h0 from the mean image feature (Xu et al. 2015) rather than zeros."""
         return self.init_state(tf.reduce_mean(features, axis=1))  # (B, U)
 
+    # The recurrence, written out with the GRU cell's own weights (Keras' GRUCell
+    # maths, reset_after=True) so that its two matmuls can be rearranged: the
+    # previous state feeds W2 (attention query) and the GRU's recurrent kernel in
+    # one matmul, and the embedding's share of the GRU input projection runs
+    # outside the time loop, for all words at once. `step` and `call` share it.
+
+    def _state_projection(self):
+        """[W2 | recurrent kernel] (U, A + 3U) and its bias: everything computed from h_{t-1}."""
+        _, recurrent_bias = tf.unstack(self.gru.bias)
+        kernel = tf.concat([self.attention.W2.kernel, self.gru.recurrent_kernel], axis=1)
+        return kernel, tf.concat([self.attention.W2.bias, recurrent_bias], axis=0)
+
+    def _embedded_inputs(self, tokens):
+        """The embedding's part of the GRU input projection (+ input bias): (..., 3U)."""
+        input_bias, _ = tf.unstack(self.gru.bias)
+        kernel = self.gru.kernel[self.encoder_dim :]
+        return tf.matmul(self.embedding(tokens), kernel) + input_bias
+
+    def _recur(self, state, x_embedded, features, projected, state_kernel, state_bias):
+        """One word: attention from h_{t-1}, then the GRU update; returns (state, weights)."""
+        from_state = tf.matmul(state, state_kernel) + state_bias  # (B, A + 3U)
+        query, inner = from_state[:, : self.attention_units], from_state[:, self.attention_units :]
+        context, weights = self.attention.attend_query(features, projected, query)
+        x = tf.matmul(context, self.gru.kernel[: self.encoder_dim]) + x_embedded  # (B, 3U)
+        x_z, x_r, x_h = tf.split(x, 3, axis=-1)
+        inner_z, inner_r, inner_h = tf.split(inner, 3, axis=-1)
+        z = tf.sigmoid(x_z + inner_z)
+        r = tf.sigmoid(x_r + inner_r)
+        candidate = tf.tanh(x_h + r * inner_h)
+        return z * state + (1.0 - z) * candidate, weights
+
     def step(self, tokens, state, features, projected):
         """One word for each row: tokens (B,), state (B, U) -> logits (B, V), state, weights (B, L)."""
-        context, weights = self.attention.attend(features, projected, state)
-        x = tf.concat([context, self.embedding(tokens)], axis=-1)  # (B, E + D)
-        _, [state] = self.gru(x, [state])
+        state, weights = self._recur(
+            state, self._embedded_inputs(tokens), features, projected, *self._state_projection()
+        )
         return self.fc2(self.fc1(state)), state, weights
 
     def call(self, features, tokens, captions_per_image: int | None = None):
@@ -186,17 +245,17 @@ class AttentionGRUDecoder(layers.Layer):
             features, projected, state0 = (
                 tf.repeat(x, captions_per_image, axis=0) for x in (features, projected, state0)
             )
-        embedded = tf.transpose(self.embedding(tokens), [1, 0, 2])  # (T, B, D)
+        # (T, B, 3U): one big matmul for every word's embedding, outside the loop.
+        x_embedded = tf.transpose(self._embedded_inputs(tokens), [1, 0, 2])
+        state_kernel, state_bias = self._state_projection()
         weights0 = tf.zeros_like(features[:, :, 0])  # (B, L)
 
         def one_step(carry, x_t):
             state, _ = carry
-            context, weights = self.attention.attend(features, projected, state)
-            _, [state] = self.gru(tf.concat([context, x_t], axis=-1), [state])
-            return state, weights
+            return self._recur(state, x_t, features, projected, state_kernel, state_bias)
 
         # One graph loop over time; only attention and the GRU are inside it.
-        states, weights = tf.scan(one_step, embedded, initializer=(state0, weights0))
+        states, weights = tf.scan(one_step, x_embedded, initializer=(state0, weights0))
         logits = self.fc2(self.fc1(states))  # (T, B, V): one big matmul for all steps
         return tf.transpose(logits, [1, 0, 2]), tf.transpose(weights, [1, 0, 2])
 
@@ -251,7 +310,12 @@ class Captioner(keras.Model):
                 f"vocabulary has {len(self.vocabulary)} words, config says {self.model_config.vocab_size}"
             )
         c = self.model_config
-        self.encoder = CNNEncoder(c.encoder_dim, c.feature_dim, name="encoder")
+        self.encoder = CNNEncoder(
+            c.encoder_dim,
+            c.feature_dim,
+            c.num_locations if c.location_embedding else None,
+            name="encoder",
+        )
         self.decoder = AttentionGRUDecoder(
             c.vocab_size, c.embedding_dim, c.units, c.attention_units, c.encoder_dim, name="decoder"
         )
@@ -292,16 +356,30 @@ class Captioner(keras.Model):
         )
         return loss, ce, penalty, logits, targets
 
-    def _update_metrics(self, loss, ce, penalty, logits, targets):
+    @staticmethod
+    def _token_accuracy(logits, targets):
         mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
         hits = tf.cast(
             tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32
         )
+        return tf.reduce_sum(hits * mask) / tf.reduce_sum(mask)
+
+    def _update_metrics(self, loss, ce, penalty, logits, targets):
         self.loss_tracker.update_state(loss)
         self.ce_tracker.update_state(ce)
         self.penalty_tracker.update_state(penalty)
-        self.accuracy_tracker.update_state(tf.reduce_sum(hits * mask) / tf.reduce_sum(mask))
+        self.accuracy_tracker.update_state(self._token_accuracy(logits, targets))
         return {m.name: m.result() for m in self.metrics}
+
+    def batch_metrics(self, data) -> dict[str, tf.Tensor]:
+        """The `metrics` of one held-out batch, without touching the running trackers."""
+        loss, ce, penalty, logits, targets = self._loss(data, training=False)
+        return {
+            "loss": loss,
+            "ce": ce,
+            "attention_penalty": penalty,
+            "token_accuracy": self._token_accuracy(logits, targets),
+        }
 
     def train_step(self, data):
         with tf.GradientTape() as tape:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -62,8 +63,43 @@ def caption_batches(
     seed: int | None,
     epoch_offset: int = 0,
     captions_per_image: int | None = None,
+    epochs: int | None = 1,
 ) -> tf.data.Dataset:
-    """Training batches from the feature store, reshuffled every epoch.
+    """`caption_arrays` as a prefetching tf.data pipeline (what `fit` reads).
+
+    Each new iterator continues with the next epochs (a new shuffle), as
+    iterating a Keras dataset once per epoch expects.
+    """
+    num_loc, feat_dim = store.feature_shape
+    token_shape = (None, captions_per_image, None) if captions_per_image else (None, None)
+    signature = (
+        tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
+        tf.TensorSpec(token_shape, tf.int32),
+    )
+    next_epoch = [epoch_offset]
+
+    def generate():
+        start = next_epoch[0]
+        next_epoch[0] += epochs or 0
+        yield from caption_arrays(
+            store, captions, batch_size, seed, start, captions_per_image, epochs
+        )
+
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+
+
+def caption_arrays(
+    store: FeatureStore,
+    captions: CaptionSet,
+    batch_size: int,
+    seed: int | None,
+    epoch_offset: int = 0,
+    captions_per_image: int | None = None,
+    epochs: int | None = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches (features, tokens) from the feature store, reshuffled every epoch.
+
+    `epochs` None repeats forever (training: pass `steps_per_epoch` to fit).
 
     captions_per_image None: (features (B, L, F) float16, tokens (B, T') int32),
     one row per caption, every caption once per epoch.
@@ -81,7 +117,6 @@ def caption_batches(
     padding.
     """
     epoch = [epoch_offset]
-    num_loc, feat_dim = store.feature_shape
     lengths = (np.asarray(captions.tokens) != PAD_ID).sum(axis=1)  # (M,) one pass, small
 
     if captions_per_image:
@@ -89,7 +124,6 @@ def caption_batches(
         images, first, counts = np.unique(captions.image_ids, return_index=True, return_counts=True)
         by_image = np.split(np.argsort(captions.image_ids, kind="stable"), np.cumsum(counts)[:-1])
         per_batch = max(1, round(batch_size / k))
-        image_lengths = np.array([lengths[rows].mean() for rows in by_image])
     else:
         per_batch = batch_size
 
@@ -108,22 +142,33 @@ def caption_batches(
                 picked.append(np.concatenate([rows, rng.choice(rows, k - len(rows))]))
         return np.stack(picked)
 
-    def generate():
+    def one_epoch():
         units = len(images) if captions_per_image else len(captions)
         order = np.arange(units)
-        unit_lengths = image_lengths if captions_per_image else lengths
         rng = None
         if seed is None:
             if captions_per_image:
                 order = order[np.argsort(first, kind="stable")]  # images in caption-file order
             batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+            picked = None
         else:
             rng = np.random.default_rng([seed, epoch[0]])
             rng.shuffle(order)
             epoch[0] += 1
+            unit_lengths, picked = lengths, None
+            if captions_per_image:
+                # Choose this epoch's K captions per image first, then group images by
+                # the length of those captions: a batch is cut to its longest row.
+                chosen = rows_of(order, rng)  # (units, K)
+                picked = dict(zip(order.tolist(), chosen, strict=True))
+                unit_lengths = np.zeros(units, dtype=np.int64)
+                unit_lengths[order] = lengths[chosen].max(axis=1)
             batches = _length_buckets(order, unit_lengths, per_batch, rng)
         for units_ in batches:
-            rows = rows_of(units_, rng)
+            if picked is None:
+                rows = rows_of(units_, None)
+            else:
+                rows = np.stack([picked[u] for u in units_.tolist()])
             tokens = np.asarray(captions.tokens[rows.reshape(-1)])  # (B, T)
             width = int((tokens != PAD_ID).sum(axis=1).max())
             # Round up to a multiple of 8: XLA compiles once per shape, so a few widths.
@@ -132,12 +177,10 @@ def caption_batches(
             ids = images[units_] if captions_per_image else captions.image_ids[rows]
             yield store.get(ids), tokens
 
-    token_shape = (None, captions_per_image, None) if captions_per_image else (None, None)
-    signature = (
-        tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
-        tf.TensorSpec(token_shape, tf.int32),
-    )
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    # One long-lived iterator for all epochs (`epochs` None): Keras re-creating a
+    # finished generator dataset each epoch stalled ~20 s while the old one shut down.
+    for _ in itertools.count() if epochs is None else range(epochs):
+        yield from one_epoch()
 
 
 def steps_per_epoch(captions: CaptionSet, batch_size: int, captions_per_image: int | None) -> int:
@@ -257,6 +300,35 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class HeldOutLoss(keras.callbacks.Callback):
+    """Each epoch: the model's metrics on the val batches, as `val_loss`, `val_ce`, ...
+
+    Keras' own `validation_data` re-creates a generator-backed tf.data iterator
+    every epoch, and tearing the old one down stalled 15-20 s per epoch here
+    (two cores); these batches are read in the calling thread instead. Values
+    are means over batches, as Keras reports them.
+    """
+
+    def __init__(self, batches: Callable[[], Iterator], jit_compile: bool = True):
+        super().__init__()
+        self.batches = batches
+        self.jit_compile = jit_compile
+        self._fn = None
+        self._for = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        if self._for is not self.model:
+            self._fn = tf.function(self.model.batch_metrics, jit_compile=self.jit_compile)
+            self._for = self.model
+        values: dict[str, list[float]] = {}
+        for features, tokens in self.batches():
+            for name, value in self._fn((features, tokens)).items():
+                values.setdefault(name, []).append(float(value))
+        logs.update({f"val_{name}": float(np.mean(v)) for name, v in values.items()})
+
+
 class ValCaptionScore(keras.callbacks.Callback):
     """Each epoch: greedy captions for a fixed val sample, scored; adds `val_CIDEr` to the logs.
 
@@ -371,6 +443,7 @@ def fit_captioner(
         units=params.units,
         attention_units=params.attention_units,
         encoder_dim=params.encoder_dim,
+        location_embedding=params.location_embedding,
         feature_dim=feat_dim,
         num_locations=num_loc,
         attention_penalty=params.attention_penalty,
@@ -412,7 +485,13 @@ def fit_captioner(
         state,
         monitor=params.select_by,
     )
-    scorers: list[keras.callbacks.Callback] = [LearningRateLog()]
+    scorers: list[keras.callbacks.Callback] = [
+        LearningRateLog(),
+        HeldOutLoss(
+            lambda: caption_arrays(store, val, params.batch_size, None, 0, k),
+            params.jit_compile,
+        ),
+    ]
     if val_references:
         sample = val_sample(val, params.val_sample_images, params.seed)
         scorers.append(ValCaptionScore(store, sample, val_references, val_objects))
@@ -421,8 +500,8 @@ def fit_captioner(
     )
     if not done:
         model.fit(
-            caption_batches(store, train, params.batch_size, params.seed, initial_epoch, k),
-            validation_data=caption_batches(store, val, params.batch_size, None, 0, k),
+            caption_batches(store, train, params.batch_size, params.seed, initial_epoch, k, None),
+            steps_per_epoch=steps,
             epochs=params.epochs,
             initial_epoch=initial_epoch,
             callbacks=[*scorers, checkpoint, *callbacks],
