@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from captioning.features import SHARD_SUFFIX, FeatureStore, read_shard
 from pipeline_fixtures import (
@@ -242,6 +243,22 @@ def test_nothing_to_do_after_repro(demo):
     assert _stages_run(log) == [], log
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change" in log, log
+
+
+def test_new_pixels_under_the_same_file_names_make_features_stale(demo):
+    """The caption table names the images; the features must also follow what is in them."""
+    project = demo.project
+    image = sorted((project.root / "data" / "raw" / "demo" / "train2014").glob("*.jpg"))[0]
+    original = image.read_bytes()
+    try:
+        with Image.open(image) as picture:
+            pixels = np.asarray(picture)
+        Image.fromarray(255 - pixels).save(image, format="JPEG")  # same name, new content
+        stale = json.loads(project.dvc("status", "--json").stdout)
+        assert {"validate", "features", "train"} <= set(stale), stale
+    finally:
+        image.write_bytes(original)
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
 
 
 # --- a local folder in the COCO 2014 layout -----------------------------------------------------
