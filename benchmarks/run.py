@@ -478,6 +478,9 @@ def bench_train(ws: Workspace) -> Result:
         lambda: iter(grouped), output_signature=grouped_signature
     ).apply(tf.data.experimental.assert_cardinality(len(grouped)))
     clock = _BatchClock()
+    # A fresh train function: Keras' reduce_retracing would otherwise relax the traced
+    # token spec from (B, T) to unknown rank, and the model needs to see (n, K, T).
+    model.make_train_function(force=True)
     model.fit(grouped_batches, shuffle=False, verbose=0, callbacks=[clock])
     image_major = sizes.train_batches * n_images * k / (clock.ends[-1] - clock.ends[0])
 

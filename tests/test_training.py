@@ -251,7 +251,13 @@ def test_held_out_loss_is_the_mean_over_val_batches_of_the_masked_loss(data):
     callback.set_model(model)
     logs = {"loss": 1.0}
     callback.on_epoch_end(0, logs)
-    assert set(logs) == {"loss", "val_loss", "val_ce", "val_attention_penalty", "val_token_accuracy"}
+    assert set(logs) == {
+        "loss",
+        "val_loss",
+        "val_ce",
+        "val_attention_penalty",
+        "val_token_accuracy",
+    }
     loss, ce, penalty = np.mean(expected, axis=0)
     assert logs["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert logs["val_ce"] == pytest.approx(ce, rel=1e-5)

@@ -337,6 +337,8 @@ class Captioner(keras.Model):
         logits (n * K, T, V), the encoder running once per image.
         """
         features, tokens = inputs
+        if tokens.shape.rank is None:
+            raise ValueError("tokens need a known rank: (B, T) or image-major (n, K, T)")
         if tokens.shape.rank == 3:
             k = tokens.shape[1]
             if k is None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
