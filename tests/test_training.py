@@ -183,6 +183,16 @@ def test_val_sample_is_fixed_and_seeded():
     np.testing.assert_array_equal(val_sample(val, 100, seed=1), np.arange(20))
 
 
+def _tiny_model(data):
+    """An untrained captioner sized for the fixture's feature store."""
+    store, vocab, _, _, extractor = data
+    config = ModelConfig(
+        vocab_size=len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8,
+        feature_dim=store.feature_shape[1], num_locations=store.feature_shape[0], **extractor,
+    )  # fmt: skip
+    return build_captioner(config, vocab, seed=0)
+
+
 def test_image_major_batches_cover_every_image_with_its_own_captions(data):
     store, _, sets, _, _ = data
     train = sets["train"]
@@ -204,12 +214,8 @@ def test_image_major_batches_cover_every_image_with_its_own_captions(data):
 
 
 def test_image_major_loss_equals_the_per_caption_loss(data):
-    store, vocab, sets, _, extractor = data
-    config = ModelConfig(
-        vocab_size=len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8,
-        feature_dim=store.feature_shape[1], num_locations=store.feature_shape[0], **extractor,
-    )  # fmt: skip
-    model = build_captioner(config, vocab, seed=0)
+    store, _, sets, _, _ = data
+    model = _tiny_model(data)
     features, tokens = next(
         caption_batches(store, sets["train"], 6, 0, captions_per_image=3).as_numpy_iterator()
     )
@@ -235,12 +241,8 @@ def test_training_epochs_drop_a_short_last_batch_but_validation_keeps_every_row(
 
 
 def test_held_out_loss_is_the_mean_over_val_batches_of_the_masked_loss(data):
-    store, vocab, sets, _, extractor = data
-    config = ModelConfig(
-        vocab_size=len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8,
-        feature_dim=store.feature_shape[1], num_locations=store.feature_shape[0], **extractor,
-    )  # fmt: skip
-    model = build_captioner(config, vocab, seed=0)
+    store, _, sets, _, _ = data
+    model = _tiny_model(data)
     batches = list(caption_arrays(store, sets["val"], 5, None))
     assert [len(t) for _, t in batches] == [5, 5, 2]  # every val caption, in store order
     expected = []
