@@ -306,7 +306,7 @@ class HeldOutLoss(keras.callbacks.Callback):
     Keras' own `validation_data` re-creates a generator-backed tf.data iterator
     every epoch, and tearing the old one down stalled 15-20 s per epoch here
     (two cores); these batches are read in the calling thread instead. Values
-    are means over batches, as Keras reports them.
+    are unweighted means over the batches.
     """
 
     def __init__(self, batches: Callable[[], Iterator], jit_compile: bool = True):
