@@ -377,9 +377,12 @@ def loop_logits(model: Captioner, features, tokens) -> tf.Tensor:
     encoded = model.encoder(features)  # (B, L, E)
     projected = decoder.attention.project_features(encoded)  # (B, L, A)
     state = decoder.initial_state(encoded)  # (B, U)
+    loop_weights = decoder.loop_weights()  # once per sequence, as the scan does
     logits = []
     for i in range(1, tokens.shape[1]):
-        step_logits, state, _ = decoder.step(tokens[:, i - 1], state, encoded, projected)
+        step_logits, state, _ = decoder.step(
+            tokens[:, i - 1], state, encoded, projected, loop_weights
+        )
         logits.append(step_logits)
     return tf.stack(logits, axis=1)
 
@@ -395,9 +398,12 @@ def tutorial_train_step(model: Captioner, optimizer, features, tokens) -> tf.Ten
         encoded = model.encoder(features)  # (B, L, E)
         projected = decoder.attention.project_features(encoded)  # (B, L, A)
         state = decoder.initial_state(encoded)  # (B, U)
+        loop_weights = decoder.loop_weights()  # once per sequence, as the scan does
         loss, weights = 0.0, []
         for i in range(1, tokens.shape[1]):
-            logits, state, step_weights = decoder.step(tokens[:, i - 1], state, encoded, projected)
+            logits, state, step_weights = decoder.step(
+                tokens[:, i - 1], state, encoded, projected, loop_weights
+            )
             loss += tutorial_loss(tokens[:, i], logits)
             weights.append(step_weights)
         mask = tf.cast(tf.not_equal(tokens[:, 1:], PAD_ID), tf.float32)  # (B, T-1)
@@ -665,9 +671,10 @@ def eager_greedy(model: Captioner, features, max_len: int) -> np.ndarray:
     encoded = model.encoder(features)  # (1, L, E)
     projected = decoder.attention.project_features(encoded)
     state = decoder.initial_state(encoded)
+    loop_weights = decoder.loop_weights()
     tokens, out = tf.fill([1], START_ID), []
     for _ in range(max_len):
-        logits, state, _ = decoder.step(tokens, state, encoded, projected)
+        logits, state, _ = decoder.step(tokens, state, encoded, projected, loop_weights)
         tokens = tf.argmax(logits, axis=-1, output_type=tf.int32)  # (1,)
         out.append(int(tokens[0]))
         if out[-1] == END_ID:

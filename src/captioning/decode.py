@@ -102,6 +102,7 @@ class CaptionDecoder:
 
     # -- compiled loops ---------------------------------------------------------
     def _prepare(self, features):
+        """Everything a loop needs before its first word, computed once per batch."""
         encoded = self.model.encoder(features)  # (B, L, E)
         decoder = self.model.decoder
         return (
@@ -109,6 +110,7 @@ class CaptionDecoder:
             encoded,
             decoder.attention.project_features(encoded),
             decoder.initial_state(encoded),
+            decoder.loop_weights(),
         )
 
     def _greedy_loop(self, features, max_len, sample: bool, temperature, seed):
@@ -119,7 +121,7 @@ class CaptionDecoder:
         every row has emitted <end>; the steps it skips would only have written
         <pad> and zero attention, which is what the outputs hold there.
         """
-        decoder, encoded, projected, state = self._prepare(features)
+        decoder, encoded, projected, state, loop_weights = self._prepare(features)
         batch = tf.shape(features)[0]
         tokens = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
@@ -128,7 +130,7 @@ class CaptionDecoder:
         out_weights = tf.TensorArray(tf.float32, size=max_len)
         t = tf.constant(0)
         while t < max_len and not tf.reduce_all(done):
-            logits, state, weights = decoder.step(tokens, state, encoded, projected)
+            logits, state, weights = decoder.step(tokens, state, encoded, projected, loop_weights)
             logp = tf.nn.log_softmax(logits)  # (B, V)
             if sample:
                 step_seed = tf.stack([seed[0], seed[1] * 100003 + t])
@@ -167,7 +169,7 @@ class CaptionDecoder:
         keeps the beams in order), so the loop stops and pads instead.
         """
         k = beam_size
-        decoder, encoded, projected, state = self._prepare(features)
+        decoder, encoded, projected, state, loop_weights = self._prepare(features)
         batch = tf.shape(features)[0]
         vocab = self.model.model_config.vocab_size
 
@@ -197,7 +199,7 @@ class CaptionDecoder:
                     (lengths, tf.TensorShape([None, k])),
                 ]
             )
-            logits, state, weights = decoder.step(tokens, state, encoded, projected)
+            logits, state, weights = decoder.step(tokens, state, encoded, projected, loop_weights)
             logp = tf.reshape(tf.nn.log_softmax(logits), [batch, k, vocab])
             logp = tf.where(done[..., None], pad_only, logp)
             total = tf.reshape(scores[..., None] + logp, [batch, k * vocab])

@@ -200,11 +200,16 @@ class AttentionGRUDecoder(layers.Layer):
     # one matmul, and the embedding's share of the GRU input projection runs
     # outside the time loop, for all words at once. `step` and `call` share it.
 
-    def _state_projection(self):
-        """[W2 | recurrent kernel] (U, A + 3U) and its bias: everything computed from h_{t-1}."""
+    def loop_weights(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The recurrence's per-sequence constants, built once per sequence, not per word.
+
+        [W2 | recurrent kernel] (U, A + 3U) with its bias (everything computed
+        from h_{t-1}), and the context's rows of the GRU input kernel (E, 3U).
+        """
         _, recurrent_bias = tf.unstack(self.gru.bias)
         kernel = tf.concat([self.attention.W2.kernel, self.gru.recurrent_kernel], axis=1)
-        return kernel, tf.concat([self.attention.W2.bias, recurrent_bias], axis=0)
+        bias = tf.concat([self.attention.W2.bias, recurrent_bias], axis=0)
+        return kernel, bias, self.gru.kernel[: self.encoder_dim]
 
     def _embedded_inputs(self, tokens):
         """The embedding's part of the GRU input projection (+ input bias): (..., 3U)."""
@@ -212,12 +217,13 @@ class AttentionGRUDecoder(layers.Layer):
         kernel = self.gru.kernel[self.encoder_dim :]
         return tf.matmul(self.embedding(tokens), kernel) + input_bias
 
-    def _recur(self, state, x_embedded, features, projected, state_kernel, state_bias):
+    def _recur(self, state, x_embedded, features, projected, loop_weights):
         """One word: attention from h_{t-1}, then the GRU update; returns (state, weights)."""
+        state_kernel, state_bias, context_kernel = loop_weights
         from_state = tf.matmul(state, state_kernel) + state_bias  # (B, A + 3U)
         query, inner = from_state[:, : self.attention_units], from_state[:, self.attention_units :]
         context, weights = self.attention.attend_query(features, projected, query)
-        x = tf.matmul(context, self.gru.kernel[: self.encoder_dim]) + x_embedded  # (B, 3U)
+        x = tf.matmul(context, context_kernel) + x_embedded  # (B, 3U)
         x_z, x_r, x_h = tf.split(x, 3, axis=-1)
         inner_z, inner_r, inner_h = tf.split(inner, 3, axis=-1)
         z = tf.sigmoid(x_z + inner_z)
@@ -225,10 +231,15 @@ class AttentionGRUDecoder(layers.Layer):
         candidate = tf.tanh(x_h + r * inner_h)
         return z * state + (1.0 - z) * candidate, weights
 
-    def step(self, tokens, state, features, projected):
-        """One word for each row: tokens (B,), state (B, U) -> logits (B, V), state, weights (B, L)."""
+    def step(self, tokens, state, features, projected, loop_weights=None):
+        """One word for each row: tokens (B,), state (B, U) -> logits (B, V), state, weights (B, L).
+
+        Decoding loops pass `loop_weights()` computed before the loop.
+        """
+        if loop_weights is None:
+            loop_weights = self.loop_weights()
         state, weights = self._recur(
-            state, self._embedded_inputs(tokens), features, projected, *self._state_projection()
+            state, self._embedded_inputs(tokens), features, projected, loop_weights
         )
         return self.fc2(self.fc1(state)), state, weights
 
@@ -247,12 +258,12 @@ class AttentionGRUDecoder(layers.Layer):
             )
         # (T, B, 3U): one big matmul for every word's embedding, outside the loop.
         x_embedded = tf.transpose(self._embedded_inputs(tokens), [1, 0, 2])
-        state_kernel, state_bias = self._state_projection()
+        loop_weights = self.loop_weights()
         weights0 = tf.zeros_like(features[:, :, 0])  # (B, L)
 
         def one_step(carry, x_t):
             state, _ = carry
-            return self._recur(state, x_t, features, projected, state_kernel, state_bias)
+            return self._recur(state, x_t, features, projected, loop_weights)
 
         # One graph loop over time; only attention and the GRU are inside it.
         states, weights = tf.scan(one_step, x_embedded, initializer=(state0, weights0))
