@@ -11,8 +11,9 @@ Which server: `--url http://127.0.0.1:PORT` measures one already running
 --env-manager local` itself on a free loopback port, for `--model-uri`
 (default `models:/image-captioner@champion` in the repo's `mlflow.db`) or,
 with `--untrained`, for an untrained model of the default (tutorial) size
-logged to a throwaway store: decoding cost does not depend on the weights,
-because greedy decoding always runs `max_length` steps.
+logged to a throwaway store: an untrained model rarely writes `<end>`, so its
+greedy decoding runs all `max_length` steps, an upper bound on a trained
+model's cost (decoding stops once every caption of a batch has ended).
 """
 
 from __future__ import annotations
