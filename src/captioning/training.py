@@ -159,16 +159,12 @@ def caption_arrays(
             if captions_per_image:
                 # Choose this epoch's K captions per image first, then group images by
                 # the length of those captions: a batch is cut to its longest row.
-                chosen = rows_of(order, rng)  # (units, K)
-                picked = dict(zip(order.tolist(), chosen, strict=True))
-                unit_lengths = np.zeros(units, dtype=np.int64)
-                unit_lengths[order] = lengths[chosen].max(axis=1)
+                picked = np.empty((units, k), dtype=np.int64)
+                picked[order] = rows_of(order, rng)  # (units, K), indexed by image
+                unit_lengths = lengths[picked].max(axis=1)
             batches = _length_buckets(order, unit_lengths, per_batch, rng)
         for units_ in batches:
-            if picked is None:
-                rows = rows_of(units_, None)
-            else:
-                rows = np.stack([picked[u] for u in units_.tolist()])
+            rows = rows_of(units_, None) if picked is None else picked[units_]
             tokens = np.asarray(captions.tokens[rows.reshape(-1)])  # (B, T)
             width = int((tokens != PAD_ID).sum(axis=1).max())
             # Round up to a multiple of 8: XLA compiles once per shape, so a few widths.
