@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from benchmarks.run import loop_logits
 
 from captioning.config import load_section
 from captioning.data.demo import generate_demo
@@ -21,6 +23,7 @@ from captioning.evaluation import evaluate_split
 from captioning.features import FeatureStore, build_extractor, extract_features
 from captioning.model import ModelConfig, build_captioner, load_captioner
 from captioning.text import Vocabulary, clean_caption
+from test_model import batch, small_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -130,3 +133,14 @@ def test_decoders_benchmark_says_what_is_missing(tmp_path):
     assert done.returncode != 0
     assert "make repro" in done.stderr and "captioner.keras" in done.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_benchmark_step_loops_compute_the_scans_logits():
+    """The training benchmark's baselines (the tutorial's per-word decoder call, and
+    the same loop with the keys hoisted) compute what the compiled scan computes."""
+    model, _ = small_model()
+    features, tokens = batch()
+    scan_logits, _ = model((features, tokens[:, :-1]))
+    for hoisted in (False, True):
+        loop = loop_logits(model, features, tokens, hoisted)
+        np.testing.assert_allclose(loop.numpy(), scan_logits.numpy(), atol=1e-4)
