@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from captioning.atomic_files import temporary_sibling
 from captioning.config import SplitParams, from_dict
 from captioning.data.coco_layout import (
     TABLE_COLUMNS,
@@ -20,6 +21,7 @@ from captioning.data.coco_layout import (
     apply_caps,
     assign_splits,
     caption_table,
+    prune_image_folder,
     read_annotations,
 )
 
@@ -308,3 +310,14 @@ def test_scheme_is_a_checked_param():
     assert from_dict(SplitParams, "split", {"scheme": "karpathy"}).scheme == "karpathy"
     with pytest.raises(ValueError, match="expected one of"):
         from_dict(SplitParams, "split", {"scheme": "flickr"})
+
+
+def test_prune_keeps_listed_images_and_drops_strays_and_temporary_files(tmp_path):
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    listed, stale = file_name("val2014", 1), file_name("val2014", 2)
+    for name in (listed, stale, "README.txt"):
+        (folder / name).write_bytes(b"x")
+    temporary_sibling(folder / listed).write_bytes(b"half")
+    prune_image_folder(folder, {listed})
+    assert sorted(p.name for p in folder.iterdir()) == sorted([listed, "README.txt"])

@@ -1,4 +1,4 @@
-"""The demo data set: COCO layout and schemas, determinism, pictures, and the caption grammar.
+"""The demo data set (`demo`, `demo_scenes`, `demo_captions`): layout, pictures, grammar.
 
 One small data set (12 train + 6 val images) is generated per module and read
 back through the public API; the grammar is checked against every caption the
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.data import demo
+from captioning.atomic_files import temporary_sibling
+from captioning.data import demo, demo_captions, demo_scenes
 from captioning.text import clean_caption
 
 N_TRAIN, N_VAL, SEED = 12, 6, 7
@@ -44,13 +45,16 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _all_objects(root: Path) -> dict[int, list[dict]]:
     objects = {}
     for split in SPLITS:
-        objects.update(demo.load_objects(root / "annotations" / f"instances_{split}2014.json"))
+        objects.update(
+            demo_captions.load_objects(root / "annotations" / f"instances_{split}2014.json")
+        )
     return objects
 
 
 def _simple_caption(objects: list[dict]) -> str:
     return " and ".join(
-        f"a {o['colour']} {o['kind']} {demo.POSITION_PHRASES[o['position']][0]}" for o in objects
+        f"a {o['colour']} {o['kind']} {demo_captions.POSITION_PHRASES[o['position']][0]}"
+        for o in objects
     )
 
 
@@ -108,7 +112,7 @@ def test_instances_schema(root):
     for split in SPLITS:
         data = _load(root, "instances", split)
         assert data["images"] == _load(root, "captions", split)["images"]
-        assert [c["name"] for c in data["categories"]] == list(demo.KINDS)
+        assert [c["name"] for c in data["categories"]] == list(demo_scenes.KINDS)
         categories = {c["id"] for c in data["categories"]}
         image_ids = {i["id"] for i in data["images"]}
         counts = dict.fromkeys(image_ids, 0)
@@ -116,9 +120,9 @@ def test_instances_schema(root):
             assert ann["image_id"] in image_ids and ann["category_id"] in categories
             assert ann["iscrowd"] == 0 and ann["area"] > 0
             assert all(isinstance(v, float) for v in ann["bbox"]) and len(ann["bbox"]) == 4
-            assert ann["attributes"]["colour"] in demo.COLOURS
-            assert ann["attributes"]["size"] in demo.SIZES
-            assert ann["attributes"]["position"] in demo.POSITIONS
+            assert ann["attributes"]["colour"] in demo_scenes.COLOURS
+            assert ann["attributes"]["size"] in demo_scenes.SIZES
+            assert ann["attributes"]["position"] in demo_scenes.POSITIONS
             counts[ann["image_id"]] += 1
             instance_ids.append(ann["id"])
         assert all(1 <= n <= 3 for n in counts.values())
@@ -131,7 +135,7 @@ def test_load_objects_gives_each_image_distinct_cells(root):
     for objs in objects.values():
         assert set(objs[0]) == {"kind", "colour", "size", "position", "bbox"}
         assert len({o["position"] for o in objs}) == len(objs)
-        assert {o["kind"] for o in objs} <= set(demo.KINDS)
+        assert {o["kind"] for o in objs} <= set(demo_scenes.KINDS)
 
 
 # --- determinism and reruns ---------------------------------------------------------------------
@@ -160,11 +164,16 @@ def test_rerun_is_a_no_op(root):
 def test_interrupted_run_is_completed_identically(root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    # What a run killed part-way leaves: no marker, no late annotations, a temp file.
+    # What a run killed part-way leaves: no marker, no late annotations, temp files.
     (copy / demo.MARKER_NAME).unlink()
     (copy / "annotations" / "captions_val2014.json").unlink()
     next((copy / "val2014").iterdir()).unlink()
-    (copy / "train2014" / "COCO_train2014_000000000000.jpg.tmp").write_bytes(b"partial")
+    for half_written in (
+        copy / "train2014" / "COCO_train2014_000000000000.jpg",
+        copy / "annotations" / "captions_val2014.json",
+        copy / demo.MARKER_NAME,
+    ):
+        temporary_sibling(half_written).write_bytes(b"partial")
     demo.generate_demo(copy, N_TRAIN, N_VAL, SEED)
     assert _tree(copy) == _tree(root)
 
@@ -202,17 +211,20 @@ def test_bboxes_sit_in_their_cells_and_frame_the_drawn_object(root):
             objs = objects[image["id"]]
             for obj in objs:
                 x, y, w, h = obj["bbox"]
-                row, col = demo.POSITION_CELLS[obj["position"]]
+                row, col = demo_scenes.POSITION_CELLS[obj["position"]]
                 assert col * cell <= x and x + w <= (col + 1) * cell
                 assert row * cell <= y and y + h <= (row + 1) * cell
-                fill = np.array(demo.FILL_RGB[obj["colour"]], np.float32)
+                fill = np.array(demo_scenes.FILL_RGB[obj["colour"]], np.float32)
                 cx, cy = int(x + w / 2), int(y + h / 2)
                 window = pixels[cy - 4 : cy + 5, cx - 4 : cx + 5].reshape(-1, 3)
                 # Stripes and dots are near-black or near-white: the fill is the rest.
                 accent = (window.max(1) < 70) | (window.min(1) > 200)
                 inside = window[~accent].mean(0)
                 # The nearest fill colour at the box's centre is the object's own colour.
-                nearest = min(demo.COLOURS, key=lambda c: np.linalg.norm(inside - demo.FILL_RGB[c]))
+                nearest = min(
+                    demo_scenes.COLOURS,
+                    key=lambda c: np.linalg.norm(inside - demo_scenes.FILL_RGB[c]),
+                )
                 assert nearest == obj["colour"]
                 # A band just outside the box (other objects' boxes excluded) is background.
                 band = np.zeros((299, 299), bool)
@@ -238,7 +250,11 @@ def test_every_generated_caption_parses_back_to_the_truth(root):
         for ann in _load(root, "captions", split)["annotations"]:
             truth = objects[ann["image_id"]]
             for text in (ann["caption"], clean_caption(ann["caption"]), ann["caption"].upper()):
-                assert demo.caption_correct(text, truth), (text, truth, demo.parse_caption(text))
+                assert demo_captions.caption_correct(text, truth), (
+                    text,
+                    truth,
+                    demo_captions.parse_caption(text),
+                )
 
 
 @pytest.mark.parametrize(
@@ -267,29 +283,34 @@ def test_every_generated_caption_parses_back_to_the_truth(root):
     ],
 )
 def test_parse_caption_examples(caption, triples):
-    assert demo.parse_caption(caption) == triples
+    assert demo_captions.parse_caption(caption) == triples
 
 
 def test_wrong_captions_are_rejected(root):
     objects = _all_objects(root)
     objs = next(o for o in objects.values() if len(o) >= 2)
-    assert demo.caption_correct(_simple_caption(objs), objs)
+    assert demo_captions.caption_correct(_simple_caption(objs), objs)
     first = objs[0]
-    free = next(p for p in demo.POSITIONS if p not in {o["position"] for o in objs})
-    other_colour = next(c for c in demo.COLOURS if c != first["colour"])
+    free = next(p for p in demo_scenes.POSITIONS if p not in {o["position"] for o in objs})
+    other_colour = next(c for c in demo_scenes.COLOURS if c != first["colour"])
     wrong = {
         "colour": [{**first, "colour": other_colour}, *objs[1:]],
         "position": [{**first, "position": free}, *objs[1:]],
-        "kind": [{**first, "kind": next(k for k in demo.KINDS if k != first["kind"])}, *objs[1:]],
+        "kind": [
+            {**first, "kind": next(k for k in demo_scenes.KINDS if k != first["kind"])},
+            *objs[1:],
+        ],
         "dropped": objs[1:],
         "added": [*objs, {**first, "position": free}],
         "doubled": [*objs, first],
     }
     for name, variant in wrong.items():
-        assert not demo.caption_correct(_simple_caption(variant), objs), name
+        assert not demo_captions.caption_correct(_simple_caption(variant), objs), name
     # A real generated caption with one colour word changed is wrong too.
     colour_word = re.compile(
-        r"\b(" + "|".join(demo.COLOUR_WORDS["red"] + demo.COLOUR_WORDS["blue"]) + r")\b"
+        r"\b("
+        + "|".join(demo_captions.COLOUR_WORDS["red"] + demo_captions.COLOUR_WORDS["blue"])
+        + r")\b"
     )
     checked = 0
     for split in SPLITS:
@@ -298,6 +319,6 @@ def test_wrong_captions_are_rejected(root):
                 swapped = colour_word.sub(
                     lambda m: "blue" if m[1] == "red" else "red", ann["caption"], count=1
                 )
-                assert not demo.caption_correct(swapped, objects[ann["image_id"]]), swapped
+                assert not demo_captions.caption_correct(swapped, objects[ann["image_id"]]), swapped
                 checked += 1
     assert checked > 0

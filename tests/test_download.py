@@ -19,15 +19,13 @@ import pytest
 
 from captioning.config import DataParams
 from captioning.data import coco
-from captioning.data.download import (
+from captioning.data.archives import (
     CorruptArchiveError,
-    DownloadError,
-    RetryPolicy,
     UnsafeArchiveError,
-    download,
     extract_archive,
     fetch_archive,
 )
+from captioning.data.download import DownloadError, RetryPolicy, download
 from captioning.data.fetch import fetch_source
 from mirror import (
     Mirror,

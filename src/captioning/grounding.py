@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from captioning.data import demo
+from captioning.data.demo_captions import KIND_WORDS, parse_caption
+from captioning.data.demo_scenes import IMAGE_SIZE
 
-_NOUNS = {word: kind for kind, words in demo.KIND_WORDS.items() for word in words}
+_NOUNS = {word: kind for kind, words in KIND_WORDS.items() for word in words}
 
 
-def box_coverage(bbox: list[float], grid: int, image_size: int = demo.IMAGE_SIZE) -> np.ndarray:
+def box_coverage(bbox: list[float], grid: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """(grid * grid,) share of each attention cell's area inside bbox [x, y, w, h]."""
     x, y, w, h = bbox
     edges = np.linspace(0, image_size, grid + 1)  # cell boundaries in pixels
@@ -36,7 +37,7 @@ def noun_groundings(
     """
     words = caption.split()
     noun_steps = [i for i, w in enumerate(words) if w in _NOUNS]
-    named = [t for t in demo.parse_caption(caption) if t[0] is not None]
+    named = [t for t in parse_caption(caption) if t[0] is not None]
     if len(named) != len(noun_steps):
         return []  # the grammar could not pair nouns with mentions: nothing to ground
     grid = int(round(np.sqrt(attention.shape[1])))

@@ -8,8 +8,8 @@ COCO's published size and md5, since a mirror may serve other files under the
 same names. In subset mode it downloads only the annotations archive, picks N
 images per split with a seeded draw, fetches just those images by their
 `coco_url` (host swapped for `base_url` when one is set) on a bounded thread
-pool, and writes caption files that list exactly those images. Transfers, retries
-and extraction are `captioning.data.download`'s job.
+pool, and writes caption files that list exactly those images. Transfers and
+retries are `captioning.data.download`'s job, extraction `captioning.data.archives`'.
 """
 
 from __future__ import annotations
@@ -23,15 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from captioning.data.download import (
-    CorruptArchiveError,
-    DownloadError,
-    RetryPolicy,
-    download,
-    download_many,
-    fetch_archive,
-    write_if_changed,
-)
+from captioning.atomic_files import write_if_changed
+from captioning.data.archives import CorruptArchiveError, fetch_archive
+from captioning.data.coco_layout import prune_image_folder
+from captioning.data.download import DownloadError, RetryPolicy, download, download_many
 
 OFFICIAL_BASE_URL = "http://images.cocodataset.org"
 SPLITS = ("train2014", "val2014")
@@ -196,11 +191,7 @@ def _fetch_subset(root, cache_dir, base_url, n, seed, workers, retry, progress) 
             if not (folder / name).exists()
         ]
         download_many(jobs, workers=workers, retry=retry, progress=progress, desc=split)
-        # Images of an earlier, different subset would otherwise linger in the
-        # layout (and in DVC's hash of it) without a caption file listing them.
-        for stale in folder.glob(f"COCO_{split}_*.jpg"):
-            if stale.name not in wanted:
-                stale.unlink()
+        prune_image_folder(folder, set(wanted))
         write_if_changed(root / caption_member(split), json.dumps(chosen, separators=(",", ":")))
 
 

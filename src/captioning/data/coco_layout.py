@@ -8,7 +8,8 @@ train2014 -> train, val2014 divided by a seeded permutation into val/test; or
 the Karpathy split from `<root>/splits.json`), applies the per-split caps and
 returns one row per caption. Annotations whose image file is absent are dropped
 and reported in a stats dict, never silently. Decoding the pixels is the job of
-`captioning.validate`.
+`captioning.validate`. For the writers of the layout (demo, coco, flickr),
+`prune_image_folder` keeps an image folder to exactly the images they list.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from captioning.atomic_files import is_temporary
 from captioning.config import SplitParams
 
 SPLITS = ("train", "val", "test")
@@ -256,8 +258,34 @@ def caption_table(
     missing files are dropped, so a lost file never moves another image to another split.
     """
     root = Path(root)
+    images, captions = _read_releases(root)
+    folder_ids = {
+        folder: images.loc[images["folder"] == folder, "image_id"].to_numpy()
+        for folder, _ in RELEASES
+    }
+    karpathy_splits = _karpathy_splits(root, split, karpathy_splits)
+    assigned = assign_splits(folder_ids["train2014"], folder_ids["val2014"], split, karpathy_splits)
+    stats: dict[str, Any] = {
+        "annotated_images": int(len(images)),
+        "captions_in_files": int(len(captions)),
+    }
+    images, captions = _keep_usable(root, images, captions, assigned, stats)
+    images = apply_caps(images, split)
+    stats["images"] = {name: int((images["split"] == name).sum()) for name in SPLITS}
+
+    captions = captions.reset_index(drop=True)
+    captions["order"] = np.arange(len(captions))
+    table = images.merge(captions, on="image_id", how="inner")
+    table["split_order"] = table["split"].map({name: i for i, name in enumerate(SPLITS)})
+    table = table.sort_values(["split_order", "rank", "order"], kind="stable")
+    table = table[TABLE_COLUMNS].reset_index(drop=True)
+    stats["captions"] = int(len(table))
+    return table, stats
+
+
+def _read_releases(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(images with their folder, captions) of both releases; an id in both is an error."""
     images_parts, captions_parts = [], []
-    folder_ids: dict[str, np.ndarray] = {}
     for folder, name in RELEASES:
         ann_path = root / "annotations" / name
         if not ann_path.is_file():
@@ -266,7 +294,6 @@ def caption_table(
             )
         images, captions = read_annotations(ann_path)
         images["folder"] = folder
-        folder_ids[folder] = images["image_id"].to_numpy()
         images_parts.append(images)
         captions_parts.append(captions)
     images = pd.concat(images_parts, ignore_index=True)
@@ -277,24 +304,38 @@ def caption_table(
             f"{root}/annotations: image ids in both train2014 and val2014: "
             f"{images.loc[clash, 'image_id'].head(5).tolist()}"
         )
+    return images, captions
 
-    if split.scheme == "coco" and karpathy_splits is not None:
+
+def _karpathy_splits(
+    root: Path, split: SplitParams, given: Mapping[Any, str] | None
+) -> Mapping[Any, str] | None:
+    """The Karpathy split to use: `given`, else `<root>/splits.json` when the scheme asks."""
+    if split.scheme == "coco" and given is not None:
         raise ValueError(
             "karpathy_splits given but split.scheme is 'coco'; set split.scheme: karpathy"
         )
-    if split.scheme == "karpathy" and karpathy_splits is None:
+    if split.scheme == "karpathy" and given is None:
         splits_path = root / KARPATHY_FILE
         if not splits_path.is_file():
             raise FileNotFoundError(
                 f"{splits_path}: split.scheme is 'karpathy' but the file is missing"
             )
-        karpathy_splits = read_karpathy_splits(splits_path)
-    assigned = assign_splits(folder_ids["train2014"], folder_ids["val2014"], split, karpathy_splits)
+        return read_karpathy_splits(splits_path)
+    return given
 
-    stats: dict[str, Any] = {
-        "annotated_images": int(len(images)),
-        "captions_in_files": int(len(captions)),
-    }
+
+def _keep_usable(
+    root: Path,
+    images: pd.DataFrame,
+    captions: pd.DataFrame,
+    assigned: pd.DataFrame,
+    stats: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Images with captions, a split and a file on disk (with their path), and their captions.
+
+    Counts what it drops into `stats`.
+    """
     orphan = ~captions["image_id"].isin(images["image_id"])
     stats["captions_without_image_entry"] = int(orphan.sum())
     captions = captions[~orphan]
@@ -313,14 +354,17 @@ def caption_table(
     stats["missing_image_files"] = int(len(missing))
     stats["missing_image_captions"] = int(captions["image_id"].isin(missing["image_id"]).sum())
     stats["missing_image_examples"] = sorted(missing["file_name"].tolist())[:20]
-    images = apply_caps(images[present], split)
-    stats["images"] = {name: int((images["split"] == name).sum()) for name in SPLITS}
+    return images[present], captions
 
-    captions = captions.reset_index(drop=True)
-    captions["order"] = np.arange(len(captions))
-    table = images.merge(captions, on="image_id", how="inner")
-    table["split_order"] = table["split"].map({name: i for i, name in enumerate(SPLITS)})
-    table = table.sort_values(["split_order", "rank", "order"], kind="stable")
-    table = table[TABLE_COLUMNS].reset_index(drop=True)
-    stats["captions"] = int(len(table))
-    return table, stats
+
+def prune_image_folder(folder: Path, keep: set[str]) -> None:
+    """Delete `folder`'s COCO-named files not in `keep`, and temporary files of killed writes.
+
+    Images of an earlier, different run would otherwise linger in the layout (and
+    in DVC's hash of it) without a caption file listing them.
+    """
+    prefix = f"COCO_{folder.name}_"
+    for path in folder.iterdir():
+        stale = path.name.startswith(prefix) and path.name not in keep
+        if (stale or is_temporary(path)) and path.is_file():
+            path.unlink()

@@ -28,13 +28,10 @@ from urllib.parse import urlsplit
 from PIL import Image
 from tqdm import tqdm
 
-from captioning.data.download import (
-    CorruptArchiveError,
-    DownloadError,
-    RetryPolicy,
-    download,
-    write_if_changed,
-)
+from captioning.atomic_files import write_if_changed
+from captioning.data.archives import CorruptArchiveError
+from captioning.data.coco_layout import prune_image_folder
+from captioning.data.download import DownloadError, RetryPolicy, download
 
 FLICKR8K_IMAGES_URL = (
     "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
@@ -153,11 +150,36 @@ def convert_flickr(
 ) -> Path:
     """Write the COCO layout for `dataset` into `root` from its archive and Karpathy file."""
     archive, root = Path(images_archive), Path(root)
+    # Flickr file name -> (COCO-style image id, layout folder, Karpathy record)
     entries = {}
     for position, img in enumerate(karpathy["images"]):
         image_id = int(img.get("imgid", position)) + 1
-        folder = folder_for(img["split"])
-        entries[img["filename"]] = (image_id, folder, img)
+        entries[img["filename"]] = (image_id, folder_for(img["split"]), img)
+    records = _copy_images(archive, entries, root, dataset, images_url, progress)
+    for folder, images in records.items():
+        prune_image_folder(root / folder, {r["file_name"] for r in images})
+        images.sort(key=lambda r: r["id"])
+        write_if_changed(
+            root / "annotations" / f"captions_{folder}.json",
+            json.dumps(_caption_file(images, entries, dataset, images_url), separators=(",", ":")),
+        )
+    splits = {
+        str(image_id): img["split"]
+        for image_id, _, img in sorted(entries.values(), key=lambda e: e[0])
+    }
+    write_if_changed(root / SPLITS_FILE, json.dumps(splits, indent=0) + "\n")
+    return root
+
+
+def _copy_images(
+    archive: Path,
+    entries: dict[str, tuple[int, str, dict]],
+    root: Path,
+    dataset: str,
+    images_url: str | None,
+    progress: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Write every image the Karpathy file names under its COCO name; folder -> image records."""
     records: dict[str, list[dict[str, Any]]] = {"train2014": [], "val2014": []}
     found: set[str] = set()
     try:
@@ -167,7 +189,7 @@ def convert_flickr(
             if name not in entries or name in found or name.startswith("._"):
                 continue
             data = fh.read()
-            image_id, folder, img = entries[name]
+            image_id, folder, _ = entries[name]
             file_name = f"COCO_{folder}_{image_id:012d}.jpg"
             write_if_changed(root / folder / file_name, data)
             record = {"id": image_id, "file_name": file_name, "flickr_file_name": name}
@@ -191,46 +213,39 @@ def convert_flickr(
             f"(e.g. {missing[:3]})",
             f"check that data.images_url and data.karpathy_url are both for {dataset}",
         )
+    return records
 
-    for folder, images in records.items():
-        wanted = {r["file_name"] for r in images}
-        for stale in (root / folder).glob(f"COCO_{folder}_*.jpg"):
-            if stale.name not in wanted:
-                stale.unlink()
-        images.sort(key=lambda r: r["id"])
-        annotations = []
-        for record in images:
-            img = entries[record["flickr_file_name"]][2]
-            sentids = img.get("sentids") or []
-            for k, sentence in enumerate(img["sentences"]):
-                sent_id = sentence.get("sentid", sentids[k] if k < len(sentids) else None)
-                annotations.append(
-                    {
-                        "image_id": record["id"],
-                        # Ids must be unique across both files; Karpathy's sentid is.
-                        "id": (sent_id + 1) if sent_id is not None else len(annotations) + 1,
-                        "caption": sentence["raw"],
-                    }
-                )
-        captions = {
-            "info": {
-                "description": f"{dataset} (Karpathy split) in the COCO 2014 layout",
-                "url": images_url or "",
-            },
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-        }
-        write_if_changed(
-            root / "annotations" / f"captions_{folder}.json",
-            json.dumps(captions, separators=(",", ":")),
-        )
-    splits = {
-        str(image_id): img["split"]
-        for image_id, _, img in sorted(entries.values(), key=lambda e: e[0])
+
+def _caption_file(
+    images: list[dict[str, Any]],
+    entries: dict[str, tuple[int, str, dict]],
+    dataset: str,
+    images_url: str | None,
+) -> dict[str, Any]:
+    """A COCO captions file for one folder's image records, with Karpathy's sentences."""
+    annotations = []
+    for record in images:
+        img = entries[record["flickr_file_name"]][2]
+        sentids = img.get("sentids") or []
+        for k, sentence in enumerate(img["sentences"]):
+            sent_id = sentence.get("sentid", sentids[k] if k < len(sentids) else None)
+            annotations.append(
+                {
+                    "image_id": record["id"],
+                    # Ids must be unique across both files; Karpathy's sentid is.
+                    "id": (sent_id + 1) if sent_id is not None else len(annotations) + 1,
+                    "caption": sentence["raw"],
+                }
+            )
+    return {
+        "info": {
+            "description": f"{dataset} (Karpathy split) in the COCO 2014 layout",
+            "url": images_url or "",
+        },
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
     }
-    write_if_changed(root / SPLITS_FILE, json.dumps(splits, indent=0) + "\n")
-    return root
 
 
 def write_coco_karpathy_splits(karpathy: dict[str, Any], root: str | Path) -> Path:

@@ -11,9 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from captioning.atomic_files import write_if_changed
 from captioning.config import DataParams
-from captioning.data import demo
-from captioning.data.download import write_if_changed
+from captioning.data.demo import generate_demo
+from captioning.data.demo_captions import load_objects
 
 REF_NAME = "dataset.json"
 LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
@@ -39,7 +40,7 @@ def prepare_source(params: DataParams, raw_dir: str | Path) -> Path:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if params.source == "demo":
         root = raw_dir / "demo"
-        demo.generate_demo(root, params.demo_train_images, params.demo_val_images, params.seed)
+        generate_demo(root, params.demo_train_images, params.demo_val_images, params.seed)
     elif params.source == "local":
         if not params.path:
             raise SourceError("data.source is 'local' but data.path is not set")
@@ -83,6 +84,6 @@ def demo_objects(raw_dir: str | Path) -> dict[int, list[dict]] | None:
         return None
     annotations = Path(dataset["root"]) / "annotations"
     return {
-        **demo.load_objects(annotations / "instances_train2014.json"),
-        **demo.load_objects(annotations / "instances_val2014.json"),
+        **load_objects(annotations / "instances_train2014.json"),
+        **load_objects(annotations / "instances_val2014.json"),
     }
