@@ -8,6 +8,7 @@ import mlflow
 import pandas as pd
 
 from captioning import tracking
+from captioning.atomic_files import atomic_path, atomic_write
 from captioning.config import load_section
 from captioning.data.sources import demo_objects
 from captioning.evaluation import evaluate_split, scores_by_length
@@ -37,11 +38,13 @@ def main() -> None:
         params,
         objects,
     )
-    Path(args.predictions).write_text(json.dumps(result.predictions, indent=1) + "\n")
-    result.per_image.to_csv(args.per_image, index=False, float_format="%.6f")
-    scores_by_length(result.per_image).to_csv(args.by_length, index=False, float_format="%.6f")
+    atomic_write(args.predictions, json.dumps(result.predictions, indent=1) + "\n")
+    with atomic_path(args.per_image, ".csv") as tmp:
+        result.per_image.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(args.by_length, ".csv") as tmp:
+        scores_by_length(result.per_image).to_csv(tmp, index=False, float_format="%.6f")
     report = {**result.corpus, "skipped": result.skipped, "decoder": params.decoder}
-    Path(args.metrics).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write(args.metrics, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     tracking.configure(Path.cwd())
     with mlflow.start_run(run_id=tracking.resume_run(args.run)):

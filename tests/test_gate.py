@@ -21,6 +21,7 @@ import yaml
 from captioning import gate
 from captioning.cli import main
 from captioning.config import GatesParams, load_section
+from captioning.metrics import NLTK_KEYS
 from pipeline_fixtures import GIT_USER, VENV_BIN, describe, pipeline_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,10 @@ EVALUATE_METRICS = {
     "METEOR": 0.287,
     "ROUGE-L": 0.598,
     "CIDEr": 1.104,
+    "BLEU-1_nltk": 0.714,
+    "BLEU-2_nltk": 0.552,
+    "BLEU-3_nltk": 0.434,
+    "BLEU-4_nltk": 0.342,
     "object_accuracy": 0.62,
     "human_BLEU-4": 0.402,
     "human_CIDEr": 1.55,
@@ -169,6 +174,17 @@ def test_a_base_without_the_metric_is_compared_with_the_floor_only(capsys, files
     code, table, _ = _gate(capsys, files, files("pr.json"), files("base.json", drop=("METEOR",)))
     assert code == 0
     assert _row(table, "METEOR")[1:] == ["—", "0.2870", "—", "pass: no base value"]
+
+
+def test_ungated_metrics_new_to_this_run_are_neither_gated_nor_missing(capsys, files):
+    # A base recorded before evaluate wrote NLTK's BLEU: the new keys have no
+    # floor or tolerance, so they change nothing.
+    base = files("base.json", drop=NLTK_KEYS)
+    code, table, err = _gate(capsys, files, files("pr.json"), base)
+    assert code == 0, table
+    assert "Quality gate: passed (4 metrics, 0 improved)" in table
+    assert "_nltk" not in table
+    assert "gate passed" in err
 
 
 def test_a_base_of_another_size_is_flagged(capsys, files):

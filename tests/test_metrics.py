@@ -1,5 +1,6 @@
 """Tests for captioning.metrics: parity with the official coco-caption scores,
-exact agreement with pycocoevalcap's own tokenizer and scorers, metric sanity,
+exact agreement with pycocoevalcap's own tokenizer and scorers, NLTK's corpus
+BLEU against a from-scratch BLEU and against coco-caption's, metric sanity,
 SPICE reported as skipped when its jars are missing, the Java processes being
 ended, and the errors for malformed inputs and files. They run the real Java
 tokenizer and scorers; the parity test, which runs all of them (METEOR's JVM
@@ -9,8 +10,11 @@ included) on 1000 images, is marked slow.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,10 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioning.metrics import (
     CORPUS_KEYS,
+    NLTK_BLEU,
+    NLTK_KEYS,
     _MeteorProcess,
+    _nltk_corpus_bleu,
     _ptb_tokenize,
     format_table,
     human_agreement,
@@ -31,6 +38,7 @@ from captioning.metrics import (
     score_files,
     spice_unavailable_reason,
 )
+from captioning.text import clean_caption
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "coco_val2014_sample"
 needs_sample = pytest.mark.skipif(
@@ -139,6 +147,94 @@ def test_tokenizer_and_scorers_match_pycocoevalcap_exactly():
         assert ours.per_image[i]["BLEU-4"] == pytest.approx(bleu_per_image[3][k], abs=1e-12)
         assert ours.per_image[i]["ROUGE-L"] == pytest.approx(rouge_per_image[k], abs=1e-12)
         assert ours.per_image[i]["CIDEr"] == pytest.approx(cider_per_image[k], abs=1e-12)
+
+
+def _bleu_from_scratch(
+    references: list[list[list[str]]], hypotheses: list[list[str]]
+) -> list[float]:
+    """Corpus BLEU-1..4 as Papineni et al. (2002) define it, written out independently of NLTK.
+
+    Each order's precision sums, over the corpus, hypothesis n-grams clipped by
+    their largest count in any one reference, over all hypothesis n-grams; the
+    brevity penalty compares the total hypothesis length c with the summed
+    reference lengths r closest to each hypothesis (ties to the shorter).
+    """
+    matched, proposed = [0] * 4, [0] * 4
+    hypothesis_words = reference_words = 0
+    for refs, hyp in zip(references, hypotheses, strict=True):
+        for n in range(1, 5):
+            grams = Counter(tuple(hyp[k : k + n]) for k in range(len(hyp) - n + 1))
+            most = Counter()
+            for ref in refs:
+                most |= Counter(tuple(ref[k : k + n]) for k in range(len(ref) - n + 1))
+            matched[n - 1] += sum(min(count, most[gram]) for gram, count in grams.items())
+            proposed[n - 1] += sum(grams.values())
+        hypothesis_words += len(hyp)
+        reference_words += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    c, r = hypothesis_words, reference_words
+    penalty = 1.0 if c >= r else math.exp(1 - r / c)
+    precisions = [m / p for m, p in zip(matched, proposed, strict=True)]
+    return [penalty * math.exp(sum(map(math.log, precisions[:n])) / n) for n in range(1, 5)]
+
+
+@needs_sample
+def test_nltk_bleu_on_coco_is_a_textbook_bleu_a_hair_from_coco_caption():
+    references = load_references(SAMPLE / "captions_val2014_sample.json")
+    candidates = load_results(SAMPLE / "fakecap_results.json")
+    ids = sorted(candidates)
+    result = score(references, candidates, ("BLEU", NLTK_BLEU))
+
+    # NLTK's BLEU on clean_caption words is the textbook corpus BLEU of those words.
+    words = [[clean_caption(r).split() for r in references[i]] for i in ids]
+    hypotheses = [clean_caption(candidates[i]).split() for i in ids]
+    # No candidate is shorter than 4 words, so NLTK's at-least-one-n-gram
+    # denominator (see nltk_bleu) plays no part here.
+    assert min(map(len, hypotheses)) >= 4
+    expected = _bleu_from_scratch(words, hypotheses)
+    for n, key in enumerate(NLTK_KEYS, start=1):
+        assert result.corpus[key] == pytest.approx(expected[n - 1], abs=1e-12), key
+        # Only the tokenisation differs from coco-caption's BLEU: a few 1e-4 here.
+        gap = result.corpus[key] - result.corpus[f"BLEU-{n}"]
+        assert 1e-5 < abs(gap) < 1e-3, (key, gap)
+    assert set(result.per_image[ids[0]]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
+
+    # On coco-caption's own PTB tokens the two BLEUs agree (up to its 1e-9 guards).
+    ptb = iter(_ptb_tokenize([r for i in ids for r in references[i]]))
+    ptb_refs = [[next(ptb).split() for _ in references[i]] for i in ids]
+    ptb_hyps = [c.split() for c in _ptb_tokenize([candidates[i] for i in ids])]
+    on_ptb = _nltk_corpus_bleu(ptb_refs, ptb_hyps)
+    for n, key in enumerate(NLTK_KEYS, start=1):
+        assert on_ptb[key] == pytest.approx(result.corpus[f"BLEU-{n}"], abs=1e-9), key
+
+
+def test_nltk_bleu_counts_short_candidates_in_every_order():
+    # coco-caption counts no 3-gram for a 2-word candidate; NLTK counts one (documented).
+    gts = {
+        1: ["a man riding a wave on top of a surfboard", "a surfer rides a large wave"],
+        2: ["two dogs playing with a frisbee", "dogs chase a frisbee"],
+    }
+    res = {1: ["a man riding a large wave"], 2: ["two dogs"]}
+    coco, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    ours = _nltk_corpus_bleu(
+        [[r.split() for r in gts[i]] for i in gts], [res[i][0].split() for i in gts]
+    )
+
+    assert ours["BLEU-1_nltk"] == pytest.approx(coco[0], abs=1e-9)
+    assert ours["BLEU-2_nltk"] == pytest.approx(coco[1], abs=1e-9)
+    assert ours["BLEU-3_nltk"] < coco[2] - 1e-3
+    assert ours["BLEU-4_nltk"] < coco[3] - 1e-3
+
+
+def test_nltk_bleu_without_matches_is_zero_and_quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NLTK's zero-count warning must not escape
+        result = score(REFERENCES, {2: "a cat", 3: "zebra"}, (NLTK_BLEU,))
+    assert set(result.corpus) == set(NLTK_KEYS)
+    assert 0 < result.corpus["BLEU-1_nltk"] < 1
+    assert result.corpus["BLEU-2_nltk"] == pytest.approx(0, abs=1e-12)
+    assert result.per_image == {2: {}, 3: {}}
+    nothing = score(REFERENCES, {3: "zebra"}, (NLTK_BLEU,))
+    assert nothing.corpus == dict.fromkeys(NLTK_KEYS, 0.0)
 
 
 def test_tokenizer_lower_cases_strips_punctuation_and_keeps_lines_aligned():
@@ -308,12 +404,15 @@ def test_human_agreement_leaves_out_single_reference_images():
 
 
 def test_format_table_orders_metrics_and_rounds():
-    table = format_table({"CIDEr": 0.59979, "extra": 1.0, "BLEU-4": 0.19083})
+    table = format_table(
+        {"BLEU-4_nltk": 0.19092, "CIDEr": 0.59979, "extra": 1.0, "BLEU-4": 0.19083}
+    )
     assert table.splitlines() == [
         "| metric | score |",
         "|---|---|",
         "| BLEU-4 | 0.1908 |",
         "| CIDEr | 0.5998 |",
+        "| BLEU-4_nltk | 0.1909 |",
         "| extra | 1.0000 |",
     ]
     assert list(CORPUS_KEYS)[:4] == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]

@@ -1,11 +1,12 @@
 """Evaluation: caption a split, score it with coco-caption metrics, check the demo's grammar.
 
 `evaluate_split` is what the evaluate stage runs: batched decoding through
-`captioning.decode`, corpus and per-image scores through `captioning.metrics`,
-the same scores for one human reference against the others (how far the model
-is from people), and on the demo set the share of images whose generated
-caption names every object's kind, colour and position correctly, and how much
-of each named object's attention falls inside its box (`captioning.grounding`).
+`captioning.decode`, corpus and per-image scores through `captioning.metrics`
+(coco-caption's, plus NLTK's corpus BLEU under `BLEU-n_nltk` keys), the same
+scores for one human reference against the others (how far the model is from
+people), and on the demo set the share of images whose generated caption names
+every object's kind, colour and position correctly, and how much of each named
+object's attention falls inside its box (`captioning.grounding`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 
 from captioning import metrics
 from captioning.config import EvaluateParams
-from captioning.data import demo
+from captioning.data.demo_captions import caption_correct
 from captioning.decode import CaptionDecoder, DecodeResult
 from captioning.features import FeatureStore
 from captioning.grounding import grounding_scores
@@ -26,7 +27,9 @@ from captioning.model import Captioner
 
 @dataclasses.dataclass
 class Evaluation:
-    image_ids: np.ndarray
+    """One split's captions and scores: what the evaluate stage writes and logs."""
+
+    image_ids: np.ndarray  # (n,) int64, sorted
     decoded: DecodeResult
     corpus: dict[str, float]
     per_image: pd.DataFrame
@@ -107,6 +110,26 @@ def evaluate_split(
     candidates = dict(zip(image_ids.tolist(), decoded.captions, strict=True))
     scored = metrics.score(references, candidates)
 
+    per_image = _per_image_table(image_ids, decoded, scored, references)
+    corpus = dict(scored.corpus)
+    if objects is not None:
+        correct, demo_scores = _demo_scores(image_ids, decoded, objects)
+        per_image["objects_correct"] = correct
+        corpus.update(demo_scores)
+    corpus["num_images"] = len(image_ids)
+    corpus["mean_words"] = float(decoded.lengths.mean())
+    human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))
+    corpus.update({f"human_{k}": v for k, v in human.items() if k in ("BLEU-4", "CIDEr")})
+    return Evaluation(image_ids, decoded, corpus, per_image, dict(scored.skipped))
+
+
+def _per_image_table(
+    image_ids: np.ndarray,
+    decoded: DecodeResult,
+    scored: metrics.ScoreResult,
+    references: dict[int, list[str]],
+) -> pd.DataFrame:
+    """One row per image: caption, its length and log-probability, scores, reference length."""
     per_image = pd.DataFrame(
         {
             "image_id": image_ids,
@@ -120,23 +143,26 @@ def evaluate_split(
     per_image["reference_words"] = [
         float(np.mean([len(r.split()) for r in references[int(i)]])) for i in image_ids
     ]
-    corpus = dict(scored.corpus)
-    if objects is not None:
-        correct = [demo.caption_correct(c, objects.get(int(i), [])) for i, c in candidates.items()]
-        per_image["objects_correct"] = correct
-        corpus["object_accuracy"] = float(np.mean(correct))
-        corpus.update(
-            grounding_scores(
-                decoded.captions,
-                [decoded.attention_for(i) for i in range(len(image_ids))],
-                [objects.get(int(i), []) for i in image_ids],
-            )
+    return per_image
+
+
+def _demo_scores(
+    image_ids: np.ndarray, decoded: DecodeResult, objects: dict[int, list[dict]]
+) -> tuple[list[bool], dict[str, float]]:
+    """Per image, whether the caption names every object right; corpus accuracy and grounding."""
+    correct = [
+        caption_correct(c, objects.get(int(i), []))
+        for i, c in zip(image_ids, decoded.captions, strict=True)
+    ]
+    scores = {"object_accuracy": float(np.mean(correct))}
+    scores.update(
+        grounding_scores(
+            decoded.captions,
+            [decoded.attention_for(i) for i in range(len(image_ids))],
+            [objects.get(int(i), []) for i in image_ids],
         )
-    corpus["num_images"] = len(image_ids)
-    corpus["mean_words"] = float(decoded.lengths.mean())
-    human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))
-    corpus.update({f"human_{k}": v for k, v in human.items() if k in ("BLEU-4", "CIDEr")})
-    return Evaluation(image_ids, decoded, corpus, per_image, dict(scored.skipped))
+    )
+    return correct, scores
 
 
 def scores_by_length(per_image: pd.DataFrame, bin_words: int = 4) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Caption metrics that match the official COCO caption evaluation (coco-caption).
+"""Caption metrics: the official COCO caption evaluation (coco-caption), and NLTK's corpus BLEU.
 
 `COCOEvalCap.evaluate()` cannot run offline: its SPICE step downloads Stanford
 CoreNLP. So this module does what it does, step by step: both sides go through
@@ -11,10 +11,14 @@ meteor-1.5.jar with the same command line and stdio protocol as
 pycocoevalcap's wrapper, but owns the Java process explicitly (no lock, no
 `__del__`), so a failure cannot deadlock or leak the JVM. SPICE runs only when
 its CoreNLP jars are installed and is otherwise reported in `skipped`, never as
-zero. Only the images that have a candidate are scored, as coco-caption scores
-the images in its results file. `load_results`/`load_references`/`score_files`
-read COCO JSON files, `human_agreement` scores one human caption per image
-against the others, and `format_table` renders a Markdown table.
+zero. Beside them, `nltk_bleu` gives the NLTK corpus BLEU-1..4 that many
+published captioning results report, under keys of their own (`BLEU-4_nltk`),
+so a score can be compared with either kind of paper; its docstring says how it
+differs from coco-caption's BLEU. Only the images that have a candidate are
+scored, as coco-caption scores the images in its results file.
+`load_results`/`load_references`/`score_files` read COCO JSON files,
+`human_agreement` scores one human caption per image against the others, and
+`format_table` renders a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +43,24 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-#: What `score` computes unless told otherwise.
-DEFAULT_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
-#: What `COCOEvalCap.evaluate()` computes; `score_files` asks for all of it.
-COCO_METRICS = (*DEFAULT_METRICS, "SPICE")
+from captioning.text import clean_caption
+
+#: What `COCOEvalCap.evaluate()` computes.
+COCO_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+#: NLTK's corpus BLEU-1..4 (`nltk_bleu`): a corpus score only, no per-image values.
+NLTK_BLEU = "BLEU_nltk"
+NLTK_KEYS = ("BLEU-1_nltk", "BLEU-2_nltk", "BLEU-3_nltk", "BLEU-4_nltk")
+#: Every metric `score` knows; `score_files` asks for all of them.
+ALL_METRICS = (*COCO_METRICS, NLTK_BLEU)
+#: What `score` computes unless told otherwise: all but SPICE, which needs CoreNLP.
+DEFAULT_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", NLTK_BLEU)
 #: Result keys in display order.
-CORPUS_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+CORPUS_KEYS = (
+    *("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"),
+    *NLTK_KEYS,
+)
+# Cumulative BLEU-n: the geometric mean of the 1..n-gram precisions, equally weighted.
+_CUMULATIVE_WEIGHTS = [(1.0,), (1 / 2,) * 2, (1 / 3,) * 3, (1 / 4,) * 4]
 
 # Characters the Java tokenizer treats as line breaks. coco-caption only
 # replaces "\n", so a stray "\r" silently shifts every later caption onto the
@@ -104,6 +121,8 @@ def score(
             record("CIDEr", *Cider().compute_score(gts, res))
         if meteor is not None:
             record("METEOR", *meteor.compute_score(gts, res))
+        if NLTK_BLEU in wanted:
+            corpus.update(nltk_bleu(references, candidates))
     if "SPICE" in wanted:
         reason = spice_unavailable_reason() or _run_spice(gts, res, record)
         if reason is not None:
@@ -164,9 +183,9 @@ def load_references(annotations_path: str | Path) -> dict[int, list[str]]:
 def score_files(
     results_path: str | Path,
     annotations_path: str | Path,
-    metrics: Iterable[str] = COCO_METRICS,
+    metrics: Iterable[str] = ALL_METRICS,
 ) -> ScoreResult:
-    """Score a COCO results file against a COCO captions file, like coco-caption's demo."""
+    """Score a COCO results file against a COCO captions file, like coco-caption's demo (+ NLTK BLEU)."""
     return score(load_references(annotations_path), load_results(results_path), metrics)
 
 
@@ -217,6 +236,57 @@ def spice_unavailable_reason() -> str | None:
             f"first use and is not installed here; missing: {', '.join(missing)}"
         )
     return None
+
+
+# --- NLTK BLEU ------------------------------------------------------------------
+
+
+def nltk_bleu(
+    references: Mapping[int, Sequence[str]], candidates: Mapping[int, str]
+) -> dict[str, float]:
+    """NLTK's corpus BLEU-1..4 (`nltk.translate.bleu_score.corpus_bleu`, no smoothing).
+
+    Keys `BLEU-1_nltk` .. `BLEU-4_nltk`; only the candidates' images are scored.
+    Tokens are `nltk_tokens`: the project's own caption cleaning
+    (`captioning.text.clean_caption`: lower case, ASCII letters, digits and
+    apostrophes) split on spaces, the lower-case, punctuation-free word lists
+    that captioning code commonly hands to NLTK. coco-caption's PTB tokenizer
+    differs: it splits clitics ("man's" -> "man 's", "don't" -> "do n't"),
+    keeps hyphenated words whole ("t-shirt", which cleaning makes "t shirt")
+    and non-ASCII letters, and keeps brackets as "-lrb-"/"-rrb-". Both BLEUs
+    clip n-gram counts by the most in any one reference and take the reference
+    length closest to each candidate (ties to the shorter), summed over the
+    corpus, for the brevity penalty exp(1 - r/c) when c < r; coco-caption adds
+    1e-15 and 1e-9 to every ratio (so an order with no match gives a tiny score
+    instead of 0), and NLTK counts at least one n-gram per candidate in each
+    order's denominator, so a candidate shorter than n words lowers NLTK's
+    BLEU-n, where coco-caption counts none. Without smoothing an n-gram order
+    with no match at all makes BLEU-n and every higher order (almost) 0.
+    """
+    ids = _check_inputs(references, candidates)
+    return _nltk_corpus_bleu(
+        [[nltk_tokens(r) for r in references[i]] for i in ids],
+        [nltk_tokens(candidates[i]) for i in ids],
+    )
+
+
+def nltk_tokens(caption: str) -> list[str]:
+    """The words `nltk_bleu` compares: `clean_caption`, split on spaces."""
+    return clean_caption(caption).split()
+
+
+def _nltk_corpus_bleu(
+    references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """NLTK corpus BLEU-1..4 of tokenized hypotheses, one list of tokenized references each."""
+    # Imported here: NLTK's package import costs about a second, which only this needs.
+    from nltk.translate.bleu_score import corpus_bleu
+
+    with warnings.catch_warnings():
+        # An order with no match warns; its score (almost 0) is what we report.
+        warnings.filterwarnings("ignore", r"\s*The hypothesis contains 0 counts", UserWarning)
+        scores = corpus_bleu(references, hypotheses, weights=_CUMULATIVE_WEIGHTS)
+    return {key: float(value) for key, value in zip(NLTK_KEYS, scores, strict=True)}
 
 
 # --- tokenizer ----------------------------------------------------------------
@@ -382,9 +452,9 @@ def _run_spice(
 
 def _check_metrics(metrics: Iterable[str]) -> set[str]:
     wanted = set(metrics)
-    unknown = wanted - set(COCO_METRICS)
+    unknown = wanted - set(ALL_METRICS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(COCO_METRICS)}")
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(ALL_METRICS)}")
     if not wanted:
         raise ValueError("no metrics requested")
     return wanted

@@ -6,10 +6,13 @@ shared `captioning.evaluation.decode_images` (in the very batches evaluate used,
 so the captions shown are the ones scored), draws one figure per image in the
 tutorial's style (one panel per generated word: the image with that word's
 attention grid upsampled and laid over it), and writes `index.html` with
-thumbnails, captions, scores and references. The page needs no server, network,
-CSS or JS from elsewhere: it links only to the PNG/JPG files written beside it.
-Outputs are byte-for-byte reproducible: no timestamps, seeded choices, PNGs
-rendered with Agg and quantised by Pillow.
+thumbnails, captions, scores and references. Images are read upright through
+`captioning.images.decode_image`, as the feature extractor reads them, so each
+attention grid lies over the pixels it was computed from. The page needs no
+server, network, CSS or JS from elsewhere: it links only to the PNG/JPG files
+written beside it. Outputs are byte-for-byte reproducible: no timestamps,
+seeded choices, PNGs rendered with Agg and quantised by Pillow. The folder is
+replaced as a whole when the report is complete (it is one DVC output).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,10 +29,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from captioning.atomic_files import atomic_directory
 from captioning.config import EvaluateParams, ReportParams
 from captioning.decode import CaptionDecoder
 from captioning.evaluation import decode_images, references_by_image
 from captioning.features import FeatureStore
+from captioning.images import decode_image
 from captioning.model import Captioner
 from captioning.text import END, END_ID
 
@@ -182,16 +186,11 @@ def save_png(fig: Figure, path: Path) -> None:
 
 
 def _load_rgb(path: str | Path, side: int) -> Image.Image:
-    """The image as RGB, shrunk to `side` px on its longest edge.
-
-    EXIF rotation is ignored on purpose: the feature extractor decodes the
-    stored pixel layout, and the attention grid refers to that layout.
-    """
+    """The image as upright RGB, as the feature extractor saw it, shrunk to `side` px on its longest edge."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: source image for the attention report not found")
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+    image = Image.fromarray(decode_image(path))  # (h, w, 3) uint8, EXIF orientation applied
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     return image
 
@@ -345,6 +344,42 @@ def render_index(
 # ----------------------------------------------------------------------------- entry point
 
 
+def _entries(
+    image_ids: Sequence[int],
+    decoded: dict[int, tuple[str, list[str], np.ndarray]],
+    per_image: pd.DataFrame,
+    references: dict[int, list[str]],
+) -> tuple[dict[int, Entry], list[int]]:
+    """What the page shows per image, and the images whose caption differs from `per_image`'s."""
+    scores = per_image.drop_duplicates("image_id").set_index("image_id")
+    entries: dict[int, Entry] = {}
+    mismatches = []
+    for image_id in image_ids:
+        caption, words, attention = decoded[image_id]
+        row = scores.loc[image_id] if image_id in scores.index else None
+        if row is not None and "caption" in row.index and _scored_caption(row) != caption:
+            mismatches.append(image_id)
+        entries[image_id] = Entry(
+            image_id=image_id,
+            caption=caption,
+            words=words,
+            attention=attention,
+            cider=float(row["CIDEr"]) if row is not None else float("nan"),
+            bleu4=float(row["BLEU-4"]) if row is not None else float("nan"),
+            references=references[image_id],
+        )
+    return entries, mismatches
+
+
+def _draw_image(source: str | Path, entry: Entry, out: Path) -> None:
+    """Write `out/images/<id>.jpg` (the page's thumbnail) and `out/overlays/<id>.png`."""
+    image_id = entry.image_id
+    _load_rgb(source, THUMBNAIL_SIDE).save(out / "images" / f"{image_id}.jpg", quality=85)
+    under = np.asarray(_load_rgb(source, OVERLAY_SIDE))  # (h, w, 3) uint8
+    figure = attention_figure(under, entry.words, entry.attention)
+    save_png(figure, out / "overlays" / f"{image_id}.png")
+
+
 def _scored_caption(row: pd.Series) -> str:
     # CSV readers turn an empty caption into NaN; it still means "".
     return "" if pd.isna(row["caption"]) else str(row["caption"])
@@ -361,6 +396,9 @@ def build_report(
 ) -> dict:
     """Write `out_dir/{index.html, overlays/<id>.png, images/<id>.jpg}`; returns a summary.
 
+    `out_dir` is replaced as a whole once everything is written: nothing else
+    belongs in it.
+
     `table` is the caption table (image_id, path, split, caption); `per_image`
     the evaluate stage's scores (image_id, caption, BLEU-4, CIDEr). The
     summary's `caption_mismatches` lists images whose decoded caption differs
@@ -374,36 +412,17 @@ def build_report(
     selection = select_images(per_image, split_ids, report_params.num_images, report_params.seed)
     decoded = _decode_like_evaluate(model, store, split_ids, selection.all_ids, evaluate_params)
 
-    scores = per_image.drop_duplicates("image_id").set_index("image_id")
+    entries, mismatches = _entries(selection.all_ids, decoded, per_image, references)
     paths = table.drop_duplicates("image_id").set_index("image_id")["path"]
     out = Path(out_dir)
-    for folder in ("overlays", "images"):  # only what this function writes, never out_dir itself
-        shutil.rmtree(out / folder, ignore_errors=True)
-        (out / folder).mkdir(parents=True)
-
-    entries: dict[int, Entry] = {}
-    mismatches = []
-    for image_id in selection.all_ids:
-        caption, words, attention = decoded[image_id]
-        row = scores.loc[image_id] if image_id in scores.index else None
-        if row is not None and "caption" in row.index and _scored_caption(row) != caption:
-            mismatches.append(image_id)
-        entries[image_id] = Entry(
-            image_id=image_id,
-            caption=caption,
-            words=words,
-            attention=attention,
-            cider=float(row["CIDEr"]) if row is not None else float("nan"),
-            bleu4=float(row["BLEU-4"]) if row is not None else float("nan"),
-            references=references[image_id],
-        )
-        source = paths[image_id]
-        _load_rgb(source, THUMBNAIL_SIDE).save(out / "images" / f"{image_id}.jpg", quality=85)
-        under = np.asarray(_load_rgb(source, OVERLAY_SIDE))  # (h, w, 3) uint8
-        save_png(attention_figure(under, words, attention), out / "overlays" / f"{image_id}.png")
-
+    with atomic_directory(out) as staged:
+        for folder in ("overlays", "images"):
+            (staged / folder).mkdir()
+        for image_id, entry in entries.items():
+            _draw_image(paths[image_id], entry, staged)
+        page = render_index(entries, selection, report_params, evaluate_params)
+        (staged / "index.html").write_text(page, "utf-8")
     index = out / "index.html"
-    index.write_text(render_index(entries, selection, report_params, evaluate_params), "utf-8")
     return {
         "index": str(index),
         "sample": selection.sample,
