@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from captioning.atomic_files import atomic_write
 from captioning.config import load_section
 from captioning.features import build_extractor, extract_features, weights_digest
 
@@ -16,6 +17,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="feature store folder")
     args = parser.parse_args()
     params = load_section("features")
+    # The table's images passed `validate` under this bound; extraction must accept them too.
+    max_pixels = load_section("validate").max_pixels
 
     images = pd.read_parquet(args.table, columns=["image_id", "path", "split"]).drop_duplicates(
         "image_id"
@@ -28,6 +31,7 @@ def main() -> None:
         batch_size=params.batch_size,
         shard_size=params.shard_size,
         image_size=params.image_size,
+        max_pixels=max_pixels,
     )
     # What the model must rebuild at inference time (see ModelConfig.extractor_*).
     spec = {
@@ -36,7 +40,7 @@ def main() -> None:
         "extractor_seed": params.seed,
         "extractor_digest": weights_digest(extractor),
     }
-    (Path(args.out) / "extractor.json").write_text(json.dumps(spec, indent=2) + "\n")
+    atomic_write(Path(args.out) / "extractor.json", json.dumps(spec, indent=2) + "\n")
     print(f"features: {len(index)} images in {index['shard'].nunique()} shards")
 
 

@@ -1,5 +1,6 @@
-"""Tests for captioning.features: preprocessing, extractor weights, the sharded store.
+"""Tests for captioning.features: extractor weights, the shard files, extraction and the store.
 
+Also the image preprocessing it feeds the extractor (`captioning.preprocessing`).
 Real InceptionV3 models on a few tiny generated images. Most tests use the
 smallest input InceptionV3 accepts (75 px, one location) to stay fast; one
 extraction runs at 299 px to check the (64, 2048) grid.
@@ -25,17 +26,20 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioning import features
+import captioning.features.extractor as extractor_module
+from captioning.atomic_files import temporary_sibling
 from captioning.features import (
     FeatureStore,
     WeightsUnavailableError,
     build_extractor,
     bytes_per_image,
     extract_features,
-    preprocess_image,
     read_shard,
+    weights_digest,
     write_shard,
 )
+from captioning.features import shards as shard_module
+from captioning.preprocessing import load_image, preprocess_image, preprocess_pixels
 
 SMALL = 75  # InceptionV3's minimum input: its output grid is 1x1
 
@@ -109,7 +113,7 @@ def test_preprocess_image_shape_and_range(tmp_path):
     Image.new("RGB", (20, 10), (0, 0, 0)).save(tmp_path / "black.png")
     np.testing.assert_allclose(preprocess_image((tmp_path / "white.png").read_bytes(), 80), 1.0)
     np.testing.assert_allclose(preprocess_image((tmp_path / "black.png").read_bytes(), 80), -1.0)
-    assert preprocess_image(tf.constant((tmp_path / "a.jpg").read_bytes())).shape == (299, 299, 3)
+    assert preprocess_image((tmp_path / "a.jpg").read_bytes()).shape == (299, 299, 3)
 
 
 def test_png_named_jpg_and_grey_or_alpha_images_decode(tmp_path):
@@ -122,7 +126,7 @@ def test_png_named_jpg_and_grey_or_alpha_images_decode(tmp_path):
 def test_preprocess_image_in_tf_data_matches_eager(images):
     paths = images["path"].tolist()
     dataset = tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda p: features.load_image(p, SMALL), num_parallel_calls=tf.data.AUTOTUNE
+        lambda p: load_image(p, SMALL), num_parallel_calls=tf.data.AUTOTUNE
     )
     for path, in_graph in zip(paths, dataset, strict=True):
         eager = preprocess_image(Path(path).read_bytes(), SMALL)
@@ -136,8 +140,8 @@ def test_random_init_is_seeded(small_extractor):
     same = build_extractor("none", image_size=SMALL, seed=0)
     other = build_extractor("none", image_size=SMALL, seed=1)
     assert small_extractor.output_shape == (None, 1, 2048)
-    assert features.weights_digest(same) == features.weights_digest(small_extractor)
-    assert features.weights_digest(other) != features.weights_digest(small_extractor)
+    assert weights_digest(same) == weights_digest(small_extractor)
+    assert weights_digest(other) != weights_digest(small_extractor)
 
 
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
@@ -145,13 +149,13 @@ def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
     with socket.socket() as probe:  # a local port nobody listens on: refused at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setattr(features, "IMAGENET_NOTOP_URL", f"http://127.0.0.1:{port}/w.h5")
+    monkeypatch.setattr(extractor_module, "IMAGENET_NOTOP_URL", f"http://127.0.0.1:{port}/w.h5")
     started = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as caught:
         build_extractor("imagenet", image_size=SMALL)
     assert time.monotonic() - started < 5
     message = str(caught.value)
-    cache = tmp_path / "keras" / "models" / features.IMAGENET_NOTOP_FILE
+    cache = tmp_path / "keras" / "models" / extractor_module.IMAGENET_NOTOP_FILE
     for needed in (
         str(cache),
         f"127.0.0.1:{port}",
@@ -164,8 +168,8 @@ def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
 
 def test_corrupt_cached_imagenet_file_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(features, "IMAGENET_NOTOP_URL", "http://127.0.0.1:1/w.h5")
-    cache = tmp_path / "models" / features.IMAGENET_NOTOP_FILE
+    monkeypatch.setattr(extractor_module, "IMAGENET_NOTOP_URL", "http://127.0.0.1:1/w.h5")
+    cache = tmp_path / "models" / extractor_module.IMAGENET_NOTOP_FILE
     cache.parent.mkdir()
     cache.write_bytes(b"half a file")
     with pytest.raises(WeightsUnavailableError, match="md5"):
@@ -181,15 +185,13 @@ def test_weights_files_load(tmp_path, small_extractor):
     """A native .weights.h5 and a legacy no-top .h5 (keras.applications' layout) load."""
     from keras.src.legacy.saving import legacy_h5_format
 
-    expected = features.weights_digest(small_extractor)
+    expected = weights_digest(small_extractor)
     small_extractor.save_weights(tmp_path / "x.weights.h5")
-    assert (
-        features.weights_digest(build_extractor(str(tmp_path / "x.weights.h5"), SMALL)) == expected
-    )
+    assert weights_digest(build_extractor(str(tmp_path / "x.weights.h5"), SMALL)) == expected
 
     with h5py.File(tmp_path / "notop.h5", "w") as fh:
         legacy_h5_format.save_weights_to_hdf5_group(fh, small_extractor)
-    assert features.weights_digest(build_extractor(str(tmp_path / "notop.h5"), SMALL)) == expected
+    assert weights_digest(build_extractor(str(tmp_path / "notop.h5"), SMALL)) == expected
 
 
 @pytest.mark.slow
@@ -266,7 +268,7 @@ def test_rerun_resumes_and_is_byte_identical(tmp_path, images, small_extractor):
     # plus a shard left from a bigger image set.
     (out / "val-00000.shard").unlink()
     (out / "index.parquet").unlink()
-    (out / "val-00000.shard.tmp").write_bytes(b"partial")
+    temporary_sibling(out / "val-00000.shard").write_bytes(b"partial")
     (out / "train-00007.shard").write_bytes((out / "train-00001.shard").read_bytes())
 
     _extract(images, out, small_extractor)
@@ -293,8 +295,8 @@ def test_truncated_or_foreign_shards_are_redone(tmp_path, images, small_extracto
     assert (out / "train-00001.shard").stat().st_mtime_ns == kept_mtime  # the whole one is kept
 
 
-def test_format_1_npy_store_is_read_and_replaced(tmp_path, images, small_extractor):
-    """A store of an older version (.npy shards) still reads; extraction rewrites it cleanly."""
+def test_format_1_npy_store_is_refused_and_replaced(tmp_path, images, small_extractor):
+    """A store of an older version (.npy shards) is refused by name; extraction rewrites it."""
     new = tmp_path / "new"
     index = _extract(images, new, small_extractor)
     old = tmp_path / "old"
@@ -307,10 +309,8 @@ def test_format_1_npy_store_is_read_and_replaced(tmp_path, images, small_extract
     manifest = {"format": 1, "shards": {"train-00000.npy": "0" * 64}}
     (old / "manifest.json").write_text(json.dumps(manifest))
 
-    ids = [40, 2, 17, 3]
-    np.testing.assert_array_equal(
-        _bits(FeatureStore(old).get(ids)), _bits(FeatureStore(new).get(ids))
-    )
+    with pytest.raises(ValueError, match=r"older format \(train-00000.npy.*features stage"):
+        FeatureStore(old)
     _extract(images, old, small_extractor)
     assert _files(old) == _files(new)  # no .npy left, nothing reused from the old manifest
 
@@ -329,6 +329,63 @@ def test_duplicate_rows_are_merged_but_conflicts_fail(tmp_path, images, small_ex
     clash = images.assign(split=["train"] * len(images))
     with pytest.raises(ValueError, match="more than one path or split"):
         _extract(pd.concat([images, clash]), tmp_path / "b", small_extractor)
+
+
+def _features_of(extractor: keras.Model, pixels: list[np.ndarray]) -> np.ndarray:
+    """What the model computes for (h, w, 3) uint8 images: (n, L, C) float32."""
+    return extractor(tf.stack([preprocess_pixels(p, SMALL) for p in pixels])).numpy()
+
+
+def test_exif_rotated_jpeg_gives_the_upright_images_features(tmp_path, small_extractor):
+    """A photo stored sideways with EXIF "rotate 90 degrees clockwise" is extracted upright."""
+    rows, cols = np.mgrid[0:48, 0:64]
+    upright = np.stack([rows * 5, cols * 4, (rows + cols) * 2], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels must turn 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(np.rot90(upright)).save(path, "JPEG", quality=95, exif=exif)
+    with Image.open(path) as raw:
+        stored = np.asarray(raw.convert("RGB"))  # (64, 48, 3): the pixels as stored, sideways
+    shown = np.rot90(stored, k=-1)  # (48, 64, 3): turned the way the tag says
+    assert np.abs(shown.astype(int) - upright).mean() < 3  # only JPEG's loss
+
+    table = pd.DataFrame({"image_id": [1], "path": [str(path)], "split": ["train"]})
+    _extract(table, tmp_path / "f", small_extractor)
+    got = FeatureStore(tmp_path / "f").get([1]).astype(np.float32)  # (1, 1, 2048)
+    np.testing.assert_allclose(got, _features_of(small_extractor, [shown]), rtol=2e-3, atol=1e-6)
+    sideways = _features_of(small_extractor, [stored])
+    assert not np.allclose(got, sideways, rtol=2e-3, atol=1e-6)
+
+
+def test_webp_bmp_and_tiff_images_are_extracted(tmp_path, small_extractor):
+    rows = []
+    for image_id, fmt in enumerate(("WEBP", "BMP", "TIFF"), start=1):
+        path = tmp_path / f"img_{image_id}.jpg"  # the content decides the format
+        _write_image(path, (40 + image_id, 33), image_id, fmt)
+        rows.append({"image_id": image_id, "path": str(path), "split": "train"})
+    index = _extract(pd.DataFrame(rows), tmp_path / "f", small_extractor)
+    assert index["image_id"].tolist() == [1, 2, 3]
+    pixels = []
+    for row, fmt in zip(rows, ("WEBP", "BMP", "TIFF"), strict=True):
+        with Image.open(row["path"]) as image:
+            assert image.format == fmt
+            pixels.append(np.asarray(image.convert("RGB")))  # (h, w, 3) as Pillow reads it
+    np.testing.assert_allclose(
+        FeatureStore(tmp_path / "f").get([1, 2, 3]).astype(np.float32),
+        _features_of(small_extractor, pixels),
+        rtol=2e-3,
+        atol=1e-6,
+    )
+
+
+def test_an_unreadable_image_fails_extraction_naming_it(tmp_path, images, small_extractor):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no image in here")
+    table = images.assign(path=[str(broken)] + images["path"].tolist()[1:])
+    with pytest.raises(ValueError, match=r"broken\.jpg") as caught:
+        _extract(table, tmp_path / "f", small_extractor)
+    assert "not an image format" in str(caught.value)
+    assert not (tmp_path / "f" / "index.parquet").exists()
 
 
 @pytest.mark.slow
@@ -443,9 +500,9 @@ def test_shard_round_trip_is_bit_identical(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_bits(back), _bits(original))
 
     # Rows out of order and repeated, over several decode blocks.
-    monkeypatch.setattr(features, "_DECODE_BLOCK", 3)
+    monkeypatch.setattr(shard_module, "_DECODE_BLOCK", 3)
     rows = np.array([6, 0, 5, 5, 1, 3, 2, 4, 0, 6])
-    got = features._SparseShard(tmp_path / "s.shard").read(rows)
+    got = shard_module.ShardReader(tmp_path / "s.shard").read(rows)
     np.testing.assert_array_equal(_bits(got), _bits(original[rows]))
 
     with pytest.raises(ValueError, match="float16"):

@@ -187,6 +187,30 @@ def test_check_images_on_empty_table(zoo_table):
     assert clean.empty and quarantine == []
 
 
+def test_webp_bmp_and_tiff_images_pass(tmp_path):
+    rows = []
+    for image_id, fmt in enumerate(("WEBP", "BMP", "TIFF"), start=1):
+        path = tmp_path / f"{image_id}.jpg"  # the content decides the format
+        path.write_bytes(encode(Image.new("RGB", (20 + image_id, 10), (image_id, 2, 3)), fmt))
+        rows.append({"image_id": image_id, "path": str(path), "caption": f"a {fmt} picture"})
+    clean, quarantine = check_images(pd.DataFrame(rows), max_pixels=89_478_485)
+    assert quarantine == []
+    assert clean["width"].tolist() == [21, 22, 23] and clean["height"].tolist() == [10] * 3
+
+
+def test_exif_rotated_image_records_its_upright_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored sideways, shown turned 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(path, "JPEG", exif=exif)
+    clean, quarantine = check_images(
+        pd.DataFrame({"image_id": [1], "path": [str(path)], "caption": ["a phone photo"]}),
+        max_pixels=89_478_485,
+    )
+    assert quarantine == []
+    assert (clean.loc[0, "width"], clean.loc[0, "height"]) == (30, 40)
+
+
 def test_drop_bad_captions_counts():
     table = pd.DataFrame({"image_id": [1, 1, 2, 3], "caption": ["ok", "  ", None, "\n\t"]})
     kept, counts = drop_bad_captions(table)

@@ -1,9 +1,10 @@
 """The validate stage's library: from a COCO-layout folder to a trusted caption table.
 
 `validate_dataset` reads the layout (`captioning.data.coco_layout`), drops and
-counts null or whitespace-only captions, decodes every image once
-(`check_images`: undecodable, truncated, empty and oversized files go to the
-quarantine list with a reason), runs the Great Expectations suites of
+counts null or whitespace-only captions, decodes every image once with the
+project's one image reader (`check_images` through `captioning.images`:
+undecodable, truncated, empty and oversized files go to the quarantine list
+with a reason), runs the Great Expectations suites of
 `captioning.captions_suite` (`run_suite`), and writes the caption table, the
 validation report with GX data docs, and the quarantine list. Hard failures
 (nothing left, too much quarantined, a critical expectation failing) raise
@@ -21,9 +22,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
+from captioning.atomic_files import atomic_directory, atomic_path, atomic_write
 from captioning.captions_suite import HARD, build_suites, expectation_specs, suite_frames
 from captioning.config import SplitParams, ValidateParams
 from captioning.data.coco_layout import TABLE_COLUMNS, caption_table
+from captioning.images import ImageReadError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -56,35 +57,19 @@ class ValidationError(RuntimeError):
 def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, str]:
     """Decode one image file fully: `(reason or None, width, height, detail)`.
 
-    The format comes from the file's content (Pillow ignores the extension);
-    the header's width*height is checked before any pixel is decoded. Run it
-    under `check_images`, which turns Pillow's bomb warning into an error.
+    Reads through `captioning.images.decode_image`, the reader features and
+    serving use: the format comes from the content, the pixel bound is checked
+    from the header before any pixel is decoded, and width and height are
+    those of the upright (EXIF-rotated) image. The reason is that of its
+    `ImageReadError`, one of `captioning.images.REASONS`.
     """
-    name = os.path.basename(path)
     try:
-        if os.stat(path).st_size == 0:
-            return "empty_file", 0, 0, "0 bytes"
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                detail = f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
-                return "too_large", width, height, detail
-            image.load()
-            width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return "too_large", 0, 0, str(err)
-    except Image.UnidentifiedImageError:
-        return "undecodable", 0, 0, "content is not an image format Pillow recognises"
-    except FileNotFoundError:
-        return "missing_file", 0, 0, "file vanished after the layout was read"
-    except EOFError as err:
-        return "truncated", 0, 0, f"EOFError: {err}"
-    except Exception as err:  # noqa: BLE001 - any decoder failure means "do not train on this"
-        message = str(err).replace(path, name)
-        reason = "truncated" if "truncated" in message.lower() else "decode_error"
-        return reason, 0, 0, f"{type(err).__name__}: {message}"
-    if width <= 0 or height <= 0:
-        return "decode_error", width, height, f"decoded size {width}x{height}"
+        pixels = decode_image(path, max_pixels)  # (H, W, 3) uint8
+    except ImageReadError as err:
+        return err.reason, 0, 0, err.detail
+    except OSError as err:  # present but unreadable (permissions, a folder): do not train on it
+        return "decode_error", 0, 0, f"{type(err).__name__}: {err.strerror}"
+    height, width = pixels.shape[:2]
     return None, width, height, ""
 
 
@@ -101,7 +86,7 @@ def check_images(
     """Decode each distinct image of `table` once; split it into kept rows and a quarantine.
 
     Returns `(clean_table, quarantine)`: clean_table keeps the captions of images
-    that decoded, with `width`/`height` (int64) set from the decoded image;
+    that decoded, with `width`/`height` (int64) of the decoded, upright image;
     quarantine is `[{image_id, path, reason, detail}]` sorted by image_id, with
     reason one of empty_file, undecodable, truncated, too_large, decode_error,
     missing_file. The work runs on `workers` threads (default: usable cores).
@@ -114,13 +99,13 @@ def check_images(
     # Threads, not processes: Pillow's decoders release the GIL, and a process
     # pool would re-import the caller's __main__ (spawn) or fork a threaded parent.
     # Pillow's guards are module globals. For the duration of the check its bomb
-    # guard uses our bound, its warning (bound < pixels <= 2x bound) is an error,
-    # and truncated files fail to load even if some other import relaxed that.
+    # guard (which refuses images over twice its bound when opened) uses our
+    # bound, so it never rejects an image that `max_pixels` allows, and truncated
+    # files fail to load even if some other import relaxed that.
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
-        with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(workers) as pool:
             # map keeps input order, so results do not depend on which thread finished first.
             results = list(pool.map(_inspect_image, paths, itertools.repeat(max_pixels)))
     finally:
@@ -339,46 +324,8 @@ def run_suite(
 # ---------------------------------------------------------------- the stage
 
 
-def _temp_sibling(path: Path, suffix: str = "") -> Path:
-    # Same folder, so os.replace is an atomic rename; plain open/mkdir keep the umask's modes.
-    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp{suffix}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _replace_dir(staged: Path, target: Path) -> None:
-    # Swap a fully written folder in, so a kill never leaves half a report.
-    old = _temp_sibling(target, ".old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staged, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _write_table(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, ".parquet")
-    try:
-        table.to_parquet(tmp, engine="pyarrow", index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _counts(
@@ -415,6 +362,52 @@ def _soft_warnings(counts: dict[str, Any], soft_failures: list[dict[str, Any]]) 
     return found
 
 
+def _quarantine_list(table: pd.DataFrame, quarantine: list[dict[str, Any]]) -> list[dict]:
+    """The quarantine as written to disk: `[{image_id, file_name, reason, detail}]`."""
+    file_names = dict(zip(table["image_id"], table["file_name"], strict=True))
+    return [
+        {"image_id": q["image_id"], "file_name": file_names[q["image_id"]]}
+        | {"reason": q["reason"], "detail": q["detail"]}
+        for q in quarantine
+    ]
+
+
+def _write_report(
+    out_report_dir: Path,
+    clean: pd.DataFrame,
+    counts: dict[str, Any],
+    quarantine: list[dict[str, Any]],
+    params: ValidateParams,
+    seconds: dict[str, float],
+) -> tuple[dict[str, Any], ValidationError | None]:
+    """Run the hard checks and the suites, write `result.json` and data docs; return both.
+
+    The error is returned, not raised, so the report is on disk before the caller raises it.
+    """
+    report: dict[str, Any] = {"success": False, "counts": counts}
+    report.update(hard_failures=[], soft_failures=[])
+    error: ValidationError | None = None
+    # The report folder is swapped in whole, so a kill never leaves half a report.
+    with atomic_directory(out_report_dir) as staged:
+        try:
+            check_quarantine(counts["images_checked"], quarantine, params)
+        except ValidationError as err:
+            error = err
+            report["hard_failures"].append({"check": "quarantine", "message": str(err)})
+        if error is None:
+            suite = run_suite(clean, params, data_docs_dir=staged / "data_docs")
+            seconds["suite"] = suite.seconds
+            report["success"] = suite.success
+            report["hard_failures"] = suite.hard_failures
+            report["soft_failures"] = suite.soft_failures
+            report["expectations"] = [check._asdict() for check in expectation_specs(params)]
+            report["gx_results"] = suite.results
+            if not suite.success:
+                error = ValidationError("hard expectations failed:\n" + suite.message())
+        (staged / "result.json").write_bytes(_json_bytes(report))
+    return report, error
+
+
 def validate_dataset(
     root: str | Path,
     split: SplitParams,
@@ -433,7 +426,6 @@ def validate_dataset(
     quarantine list are written, a stale table is removed and ValidationError
     is raised.
     """
-    out_table, out_report_dir = Path(out_table), Path(out_report_dir)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     table, layout_stats = caption_table(root, split)
@@ -443,49 +435,18 @@ def validate_dataset(
     start = time.perf_counter()
     clean, quarantine = check_images(table, params.max_pixels)
     seconds["images"] = time.perf_counter() - start
-    file_names = dict(zip(table["image_id"], table["file_name"], strict=True))
-    quarantine_out = [
-        {"image_id": q["image_id"], "file_name": file_names[q["image_id"]]}
-        | {"reason": q["reason"], "detail": q["detail"]}
-        for q in quarantine
-    ]
     counts = _counts(layout_stats, caption_counts, table, clean, quarantine)
-    report: dict[str, Any] = {"success": False, "counts": counts}
-    report.update(hard_failures=[], soft_failures=[])
-    error: ValidationError | None = None
 
-    out_report_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = _temp_sibling(out_report_dir)
-    staged.mkdir()
-    try:
-        try:
-            check_quarantine(counts["images_checked"], quarantine, params)
-        except ValidationError as err:
-            error = err
-            report["hard_failures"].append({"check": "quarantine", "message": str(err)})
-        if error is None:
-            suite = run_suite(clean, params, data_docs_dir=staged / "data_docs")
-            seconds["suite"] = suite.seconds
-            report["success"] = suite.success
-            report["hard_failures"] = suite.hard_failures
-            report["soft_failures"] = suite.soft_failures
-            report["expectations"] = [check._asdict() for check in expectation_specs(params)]
-            report["gx_results"] = suite.results
-            if not suite.success:
-                error = ValidationError("hard expectations failed:\n" + suite.message())
-        (staged / "result.json").write_bytes(_json_bytes(report))
-        _replace_dir(staged, out_report_dir)
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged)
-    _write_atomic(Path(out_quarantine), _json_bytes(quarantine_out))
+    report, error = _write_report(Path(out_report_dir), clean, counts, quarantine, params, seconds)
+    atomic_write(out_quarantine, _json_bytes(_quarantine_list(table, quarantine)))
     if error is not None:
         # A table from an earlier, passing run must not look like this run's output.
-        out_table.unlink(missing_ok=True)
+        Path(out_table).unlink(missing_ok=True)
         raise error
 
     found = _soft_warnings(counts, report["soft_failures"])
     for warning in found:
         logger.warning("validate: %s", warning)
-    _write_table(clean[TABLE_COLUMNS], out_table)
+    with atomic_path(out_table, ".parquet") as tmp:
+        clean[TABLE_COLUMNS].to_parquet(tmp, engine="pyarrow", index=False)
     return {"success": True, "counts": counts, "warnings": found, "seconds": seconds}
