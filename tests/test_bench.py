@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from benchmarks.run import loop_logits
+from benchmarks.train import loop_logits
 
 from captioning.config import load_section
 from captioning.data.demo import generate_demo
 from captioning.data.sources import demo_objects, write_dataset_ref
 from captioning.evaluation import evaluate_split
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model import ModelConfig, build_captioner, load_captioner
+from captioning.model import load_captioner
 from captioning.text import Vocabulary, clean_caption
-from test_model import batch, small_model
+from test_model import batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -61,7 +61,7 @@ def test_quick_store_benchmark_writes_its_figures(tmp_path):
     assert isinstance(check["pass"], bool) and check["target"]
 
 
-def tiny_pipeline_outputs(root: Path, images: int = 6) -> None:
+def tiny_pipeline_outputs(root: Path, tiny_captioner, images: int = 6) -> None:
     """What `make repro` leaves for the decoders benchmark, at toy size, from real components.
 
     Demo images and object truth, a test-split caption table, an InceptionV3
@@ -84,18 +84,20 @@ def tiny_pipeline_outputs(root: Path, images: int = 6) -> None:
         progress=False,
     )
     vocab = Vocabulary.build([clean_caption(c) for c in table["caption"]], 100)
-    config = ModelConfig(len(vocab), embedding_dim=8, units=16, attention_units=8, encoder_dim=8)
+    model = tiny_captioner(
+        vocab, (64, 2048), embedding_dim=8, units=16, attention_units=8, encoder_dim=8
+    )
     (root / "models").mkdir()
-    build_captioner(config, vocab, seed=0).save(root / "models" / "captioner.keras")
+    model.save(root / "models" / "captioner.keras")
     # Two batches of 4 for 6 images: the last batch is a partial one.
     (root / "params.yaml").write_text("evaluate:\n  split: test\n  max_len: 8\n  batch_size: 4\n")
 
 
 @pytest.mark.slow
-def test_decoders_benchmark_scores_and_times_each_decoder(tmp_path, monkeypatch):
+def test_decoders_benchmark_scores_and_times_each_decoder(tmp_path, monkeypatch, tiny_captioner):
     monkeypatch.chdir(REPO_ROOT)  # dataset.json stores the demo folder relative to the cwd
     project, out = tmp_path / "project", tmp_path / "bench.json"
-    tiny_pipeline_outputs(project)
+    tiny_pipeline_outputs(project, tiny_captioner)
     done = run_bench("--quick", "--only", "decoders", "--project", str(project), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "captions/s" in done.stdout and "beam 5" in done.stdout
@@ -135,10 +137,10 @@ def test_decoders_benchmark_says_what_is_missing(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
-def test_benchmark_step_loops_compute_the_scans_logits():
+def test_benchmark_step_loops_compute_the_scans_logits(tiny_captioner):
     """The training benchmark's baselines (the tutorial's per-word decoder call, and
     the same loop with the keys hoisted) compute what the compiled scan computes."""
-    model, _ = small_model()
+    model = tiny_captioner()
     features, tokens = batch()
     scan_logits, _ = model((features, tokens[:, :-1]))
     for hoisted in (False, True):

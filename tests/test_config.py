@@ -1,14 +1,127 @@
-"""Typed params: mapping-valued keys (the `gates:` section) are checked key by key."""
+"""Typed params: one home for every default, and mapping-valued keys checked key by key.
+
+The dataclasses of `captioning.config` hold each default; params.yaml repeats
+every value, and code that needs a default (the model config, the decoder, the
+CLI) reads it from them. These tests fail when two of those places disagree.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
 
-from captioning.config import SECTIONS, ConfigError, GatesParams, from_dict, load_section
+from captioning.config import (
+    SECTIONS,
+    ConfigError,
+    DecoderMethod,
+    EvaluateParams,
+    FeaturesParams,
+    GatesParams,
+    RegisterParams,
+    TrainParams,
+    ValidateParams,
+    from_dict,
+    load_section,
+    read_params,
+)
+from captioning.images import DEFAULT_MAX_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Gates are this repository's policy for its own metrics, kept in params.yaml
+# alone; GatesParams defaults to no gate (tested below).
+POLICY_SECTIONS = {"gates"}
+
+
+def _defaults(cls: type) -> dict:
+    return dataclasses.asdict(cls())
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_params_yaml_names_every_field_of_its_section(section):
+    raw = read_params(REPO_ROOT / "params.yaml")
+    assert section in raw, f"params.yaml has no '{section}' section"
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    assert sorted(raw[section] or {}) == sorted(fields)
+
+
+@pytest.mark.parametrize("section", sorted(set(SECTIONS) - POLICY_SECTIONS))
+def test_params_yaml_values_are_the_dataclass_defaults(section):
+    raw = read_params(REPO_ROOT / "params.yaml")[section]
+    cls = SECTIONS[section]
+    defaults = _defaults(cls)
+    differ = {k: (raw[k], defaults[k]) for k in raw if raw[k] != defaults.get(k)}
+    assert not differ, f"{section}: params.yaml value vs dataclass default: {differ}"
+    assert load_section(section, REPO_ROOT / "params.yaml") == cls()
+
+
+def test_model_config_defaults_mirror_the_params():
+    from captioning.model import ModelConfig
+
+    mirrored = {
+        "embedding_dim": (TrainParams, "embedding_dim"),
+        "units": (TrainParams, "units"),
+        "attention_units": (TrainParams, "attention_units"),
+        "encoder_dim": (TrainParams, "encoder_dim"),
+        "attention_penalty": (TrainParams, "attention_penalty"),
+        "label_smoothing": (TrainParams, "label_smoothing"),
+        "location_embedding": (TrainParams, "location_embedding"),
+        "image_size": (FeaturesParams, "image_size"),
+        "extractor_weights": (FeaturesParams, "weights"),
+        "extractor_seed": (FeaturesParams, "seed"),
+    }
+    config = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    # A new ModelConfig field named like a train key is checked too.
+    assert set(config) & set(_defaults(TrainParams)) <= set(mirrored)
+    for name, (cls, key) in mirrored.items():
+        assert config[name] == _defaults(cls)[key], f"ModelConfig.{name} != {cls.__name__}.{key}"
+
+
+def test_model_config_feature_shape_is_the_extractors_at_the_default_image_size():
+    import keras
+
+    from captioning.model import ModelConfig
+
+    side = FeaturesParams.image_size
+    backbone = keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(side, side, 3)
+    )
+    _, height, width, channels = backbone.output.shape  # (B, h, w, C)
+    assert (ModelConfig.num_locations, ModelConfig.feature_dim) == (height * width, channels)
+
+
+def test_decoding_defaults_are_the_evaluate_stages():
+    from captioning.cli import build_parser
+    from captioning.decode import CaptionDecoder
+    from captioning.training import ValCaptionScore
+
+    evaluate = EvaluateParams()
+    caption = build_parser().parse_args(["caption", "image.jpg"])
+    assert caption.decoder == evaluate.decoder
+    assert caption.beam_size == evaluate.beam_size
+    assert caption.length_penalty == evaluate.length_penalty
+    assert caption.max_len == evaluate.max_len
+    assert caption.batch_size == FeaturesParams.batch_size  # images per extractor pass
+    decode = inspect.signature(CaptionDecoder.decode).parameters
+    for name, key in [
+        ("method", "decoder"),
+        ("max_len", "max_len"),
+        ("beam_size", "beam_size"),
+        ("temperature", "temperature"),
+        ("batch_size", "batch_size"),
+    ]:
+        assert decode[name].default == getattr(evaluate, key), name
+    assert typing.get_args(DecoderMethod) == ("greedy", "sample", "beam")
+    scorer = inspect.signature(ValCaptionScore).parameters
+    assert scorer["max_len"].default == evaluate.max_len
+    assert scorer["batch_size"].default == evaluate.batch_size
+
+
+def test_pixel_bounds_have_one_home():
+    assert ValidateParams.max_pixels == RegisterParams.max_pixels == DEFAULT_MAX_PIXELS
 
 
 def test_gates_section_of_the_project_params_loads():

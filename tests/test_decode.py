@@ -6,26 +6,18 @@ import pytest
 import tensorflow as tf
 
 from captioning.decode import CaptionDecoder
-from captioning.model import ModelConfig, build_captioner
 from captioning.text import END_ID, PAD_ID, Vocabulary
 
 CAPTIONS = ["a red circle at the top", "a blue square on the left", "a green star in the center"]
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(tiny_captioner):
     """A model overfit so image k -> caption k: decoding has a known right answer."""
     vocab = Vocabulary.build(CAPTIONS, 50)
-    config = ModelConfig(
-        vocab_size=len(vocab),
-        embedding_dim=16,
-        units=32,
-        attention_units=16,
-        encoder_dim=16,
-        feature_dim=8,
-        num_locations=4,
+    model = tiny_captioner(
+        vocab, (4, 8), embedding_dim=16, units=32, attention_units=16, encoder_dim=16
     )
-    model = build_captioner(config, vocab, seed=0)
     rng = np.random.default_rng(0)
     features = rng.normal(size=(3, 4, 8)).astype(np.float32) * 3
     tokens = vocab.encode_batch(CAPTIONS, 9)

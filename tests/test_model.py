@@ -16,18 +16,9 @@ from captioning.model import (
 )
 from captioning.text import PAD_ID, Vocabulary
 
-SMALL = dict(
-    embedding_dim=16, units=24, attention_units=20, encoder_dim=12, feature_dim=32, num_locations=9
-)
-
-
-def small_model(seed=0, **overrides):
-    vocab = Vocabulary.build(["a red circle at the top", "a blue square on the left"], 50)
-    config = ModelConfig(vocab_size=len(vocab), **{**SMALL, **overrides})
-    return build_captioner(config, vocab, seed=seed), vocab
-
 
 def batch(n=4, t=7, seed=0, vocab_size=14):
+    """Features (n, 9, 32) and tokens (n, t) for the `tiny_captioner` defaults."""
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(n, 9, 32)).astype(np.float16)
     tokens = rng.integers(4, vocab_size, size=(n, t)).astype(np.int32)
@@ -58,8 +49,8 @@ def test_attention_returns_context_and_normalised_weights():
     np.testing.assert_allclose(weights.numpy().sum(-1), 1.0, rtol=1e-5)
 
 
-def test_whole_sequence_call_matches_word_by_word_steps():
-    model, _ = small_model()
+def test_whole_sequence_call_matches_word_by_word_steps(tiny_captioner):
+    model = tiny_captioner()
     features, tokens = batch()
     logits, weights = model((features, tokens))
     encoded = model.encoder(features)
@@ -72,9 +63,9 @@ def test_whole_sequence_call_matches_word_by_word_steps():
         np.testing.assert_allclose(step_weights.numpy(), weights[:, t].numpy(), atol=1e-5)
 
 
-def test_fused_recurrence_is_keras_attention_then_gru_cell():
+def test_fused_recurrence_is_keras_attention_then_gru_cell(tiny_captioner):
     """The decoder's hand-fused step computes exactly attention + Keras' GRUCell on [context, word]."""
-    model, _ = small_model()
+    model = tiny_captioner()
     features, tokens = batch()
     decoder = model.decoder
     encoded = model.encoder(features)
@@ -91,12 +82,12 @@ def test_fused_recurrence_is_keras_attention_then_gru_cell():
     )
 
 
-def test_location_embedding_tells_identical_locations_apart(tmp_path):
-    model, _ = small_model(location_embedding=True)
+def test_location_embedding_tells_identical_locations_apart(tmp_path, tiny_captioner):
+    model = tiny_captioner(location_embedding=True)
     same = np.ones((1, 9, 32), dtype=np.float16)  # every location sees the same feature
     encoded = model.encoder(same).numpy()[0]
     assert not np.allclose(encoded[0], encoded[1])
-    plain, _ = small_model()
+    plain = tiny_captioner()
     np.testing.assert_allclose(plain.encoder(same).numpy()[0][0], plain.encoder(same).numpy()[0][1])
     model.save(tmp_path / "m.keras")
     reloaded = load_captioner(str(tmp_path / "m.keras"))
@@ -104,9 +95,9 @@ def test_location_embedding_tells_identical_locations_apart(tmp_path):
     np.testing.assert_allclose(reloaded.encoder(same).numpy()[0], encoded, atol=1e-6)
 
 
-def test_gru_state_is_carried_between_words():
+def test_gru_state_is_carried_between_words(tiny_captioner):
     """Changing an early word must change later logits even with attention frozen out."""
-    model, _ = small_model()
+    model = tiny_captioner()
     features, tokens = batch()
     changed = tokens.copy()
     changed[:, 1] = 5 if tokens[0, 1] != 5 else 6
@@ -145,8 +136,8 @@ def test_label_smoothing_mixes_in_the_uniform_cross_entropy():
     np.testing.assert_allclose(ce_smoothed.numpy(), ce.numpy(), rtol=1e-6)
 
 
-def test_training_lowers_loss_on_a_fixed_batch():
-    model, _ = small_model(seed=3)
+def test_training_lowers_loss_on_a_fixed_batch(tiny_captioner):
+    model = tiny_captioner(seed=3)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
     features, tokens = batch(n=8, vocab_size=len(model.vocabulary))
     ds = tf.data.Dataset.from_tensors((features, tokens)).repeat(30)
@@ -158,8 +149,9 @@ def test_training_lowers_loss_on_a_fixed_batch():
     assert history.history["loss"][0] > first["loss"]
 
 
-def test_saved_model_reloads_with_config_vocabulary_and_stats(tmp_path):
-    model, vocab = small_model()
+def test_saved_model_reloads_with_config_vocabulary_and_stats(tmp_path, tiny_captioner):
+    model = tiny_captioner()
+    vocab = model.vocabulary
     model.encoder.set_feature_stats(np.full(32, 0.5), np.full(32, 2.0))
     features, tokens = batch()
     path = tmp_path / "m.keras"
@@ -176,4 +168,4 @@ def test_saved_model_reloads_with_config_vocabulary_and_stats(tmp_path):
 def test_vocabulary_size_must_match_config():
     vocab = Vocabulary.build(["a b"], 10)
     with pytest.raises(ValueError, match="vocabulary has"):
-        build_captioner(ModelConfig(vocab_size=99, **SMALL), vocab)
+        build_captioner(ModelConfig(vocab_size=99), vocab)

@@ -1,7 +1,7 @@
 """Tests for captioning.report: image choice, overlays, and the static HTML page.
 
 Real components throughout: a tiny untrained `Captioner`, a feature store
-written in the documented shard format and read by `FeatureStore`, small JPEGs
+written with `write_shard` and read by `FeatureStore`, small JPEGs
 made with Pillow. The page is checked by parsing its links, and (slow) by
 loading it in headless Chromium and counting images that failed to load.
 """
@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from captioning.config import EvaluateParams, ReportParams
 from captioning.evaluation import decode_images
-from captioning.features import FeatureStore
-from captioning.model import ModelConfig, build_captioner
+from captioning.features import SHARD_SUFFIX, FeatureStore, write_shard
+from captioning.model import build_captioner
 from captioning.report import (
     OVERLAY_SIDE,
     PANEL_GAP_PX,
@@ -51,21 +51,22 @@ def _write_image(path: Path, image_id: int) -> None:
 
 
 def _write_store(root: Path, ids_by_split: dict[str, list[int]]) -> FeatureStore:
-    """Shards in the documented layout: <split>-00000.npy (n, 64, 2048) float16 + index.parquet."""
+    """One shard per split, <split>-00000.shard (n, 64, 2048) float16, and index.parquet."""
     root.mkdir(parents=True)
     rows = []
     for split, ids in sorted(ids_by_split.items()):
         rng = np.random.default_rng(len(rows))
         features = rng.normal(size=(len(ids), 64, 2048)).astype(np.float16)  # (n, L, C)
-        np.save(root / f"{split}-00000.npy", features)
-        rows += [(i, split, f"{split}-00000.npy", r) for r, i in enumerate(ids)]
+        shard = f"{split}-00000{SHARD_SUFFIX}"
+        write_shard(root / shard, features)
+        rows += [(i, split, shard, r) for r, i in enumerate(ids)]
     index = pd.DataFrame(rows, columns=["image_id", "split", "shard", "row"])
     index.to_parquet(root / "index.parquet", index=False)
     return FeatureStore(root)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_captioner):
     """Model, store, caption table and evaluate-style per-image scores for 22 test images."""
     root = tmp_path_factory.mktemp("report_world")
     (root / "raw").mkdir()
@@ -82,10 +83,9 @@ def world(tmp_path_factory):
     store = _write_store(root / "features", {"train": TRAIN_IDS, "test": TEST_IDS})
 
     vocabulary = Vocabulary(list(SPECIAL_TOKENS) + WORDS)
-    config = ModelConfig(
-        vocab_size=len(vocabulary), embedding_dim=16, units=32, attention_units=16, encoder_dim=16
+    model = tiny_captioner(
+        vocabulary, (64, 2048), embedding_dim=16, units=32, attention_units=16, encoder_dim=16
     )
-    model = build_captioner(config, vocabulary, seed=0)
     # batch_size 8 over 22 images: the report must redo evaluate's partial batches too.
     evaluate = EvaluateParams(split="test", max_len=7, batch_size=8)
 

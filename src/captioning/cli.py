@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
-from captioning.config import EvaluateParams
+from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from captioning.inference import ImageCaptioner, ImageError
+    from captioning.images import ImageReadError as ImageError
+    from captioning.inference import ImageCaptioner
 
     captioner = ImageCaptioner(args.model)
     try:
@@ -81,23 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     cap = sub.add_parser("caption", help="print a caption for each image file")
-    cap.add_argument("images", nargs="+", help="JPEG or PNG files")
+    # Decoding defaults are the evaluate stage's (EvaluateParams), so the command
+    # captions an image the way the pipeline scores the test split.
+    cap.add_argument("images", nargs="+", help="image files")
     cap.add_argument("--model", default="models/captioner.keras", help="trained .keras model")
-    cap.add_argument("--decoder", choices=["greedy", "sample", "beam"], default="greedy")
-    cap.add_argument("--beam-size", type=int, default=EvaluateParams().beam_size)
+    cap.add_argument(
+        "--decoder", choices=typing.get_args(DecoderMethod), default=EvaluateParams.decoder
+    )
+    cap.add_argument("--beam-size", type=int, default=EvaluateParams.beam_size)
     cap.add_argument(
         "--length-penalty",
         type=float,
-        default=EvaluateParams().length_penalty,
+        default=EvaluateParams.length_penalty,
         help="beam: rank by log-prob / words**this (default: evaluate.length_penalty's default)",
     )
     cap.add_argument(
         "--max-len",
         type=int,
-        default=EvaluateParams().max_len,
+        default=EvaluateParams.max_len,
         help="most tokens per caption (default: evaluate.max_len's default, as the evaluate stage)",
     )
-    cap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    cap.add_argument(
+        "--batch-size",
+        type=int,
+        default=FeaturesParams.batch_size,
+        help="images per forward pass (default: features.batch_size's default)",
+    )
     cap.add_argument("--json", action="store_true", help="one JSON object per line")
     cap.set_defaults(func=_caption)
 
@@ -112,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check metrics against the floors in params.yaml and a base run; exit 1 on a failure",
         description="Print a Markdown table (metric, base, PR, change, verdict) and exit 1 when a "
         "metric is below its floor, drops more than its tolerance below the base, or is missing; "
-        "exit 2 when the gate cannot run. See the README, section 'Pull requests and quality gates'.",
+        "exit 2 when the gate cannot run. See docs/ci.md.",
     )
     gate.add_argument("--metrics", default="reports/metrics.json", help="the run's metrics JSON")
     gate.add_argument("--params", default="params.yaml", help="params file with a `gates:` section")

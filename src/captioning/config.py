@@ -1,10 +1,13 @@
 """Typed parameters: one frozen dataclass per section of params.yaml.
 
 Every stage reads its own section(s) through `load_section`, which fails loudly
-on unknown keys, missing keys and values of the wrong type, so a typo in
+on unknown keys and values of the wrong type, so a typo in
 `dvc exp run -S train.lerning_rate=...` stops the run instead of being ignored.
-The same dataclasses travel inside the saved model (`model_config` in
-`captioning.model`), so a checkpoint always knows the settings that made it.
+The dataclasses hold every default, each with its reason beside it; a key left
+out of params.yaml takes that default, which equals params.yaml's own value (a
+test keeps the two equal). `captioning.model.ModelConfig` takes its defaults
+from here and travels inside the saved model, so a checkpoint always knows the
+settings that made it.
 """
 
 from __future__ import annotations
@@ -17,110 +20,147 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from captioning.images import DEFAULT_MAX_PIXELS
+
 
 class ConfigError(ValueError):
     """A params section does not match its dataclass."""
 
 
+# Each default below is the one home of that setting: params.yaml repeats the
+# value (tests/test_config.py keeps the two equal), and code that needs a
+# default reads it from these classes (`TrainParams.units`) instead of restating
+# it. The measurements behind the chosen values are in docs/experiments.md.
+
+DecoderMethod = Literal["greedy", "sample", "beam"]
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParams:
     source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
-    path: str | None = None
-    seed: int = 2014
+    path: str | None = None  # source=local: a folder in the COCO 2014 layout
+    seed: int = 2014  # demo generation and the subset choice
+    # Demo images written to train2014/ and val2014/ (val2014 is divided into val
+    # and test). 2000 images seen once per epoch with one caption each learn the
+    # scenes better than fewer images with all five captions in as many steps.
     demo_train_images: int = 2000
     demo_val_images: int = 240
     # Downloaded sources (captioning.data.fetch); None means the official host/URL.
-    base_url: str | None = None
-    subset: int | None = None
-    images_url: str | None = None
-    karpathy_url: str | None = None
-    download_workers: int = 8
-    download_retries: int = 5
+    base_url: str | None = None  # coco2014: host of zips/, annotations/ and images (a mirror)
+    subset: int | None = None  # coco2014: N images per split instead of the full 20 GB
+    images_url: str | None = None  # flickr8k/30k image archive; None = the known Flickr8k URL
+    karpathy_url: str | None = None  # Karpathy splits; coco2014 writes splits.json only when set
+    download_workers: int = 8  # parallel image fetches in subset mode
+    download_retries: int = 5  # retries per transfer without progress, backoff from 1 s
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitParams:
     seed: int = 7
-    val_fraction: float = 0.5
+    val_fraction: float = 0.5  # share of val2014 images that become `val`; the rest are `test`
+    # Optional caps, applied after the split (a quick run on a big source).
     max_train_images: int | None = None
     max_val_images: int | None = None
     max_test_images: int | None = None
+    # coco: val2014 -> val/test by a seeded permutation; karpathy: <root>/splits.json.
     scheme: Literal["coco", "karpathy"] = "coco"
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidateParams:
-    max_pixels: int = 89_478_485
-    max_quarantine_fraction: float = 0.05
+    # Decode bound against decompression bombs, checked from the image header.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_quarantine_fraction: float = 0.05  # more undecodable images than this fails the stage
     min_caption_words: int = 1
     max_caption_words: int = 60
 
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesParams:
+    # imagenet | none (random init; features are standardised in the encoder, so
+    # they train too) | path to a .weights.h5/.keras file.
     weights: str = "none"
-    image_size: int = 299
-    batch_size: int = 32
-    shard_size: int = 1024
-    seed: int = 0
+    image_size: int = 299  # InceptionV3's input side: an 8x8 grid of 2048-channel features
+    batch_size: int = 32  # images per InceptionV3 forward pass
+    shard_size: int = 1024  # images per float16 shard file
+    seed: int = 0  # initialisation seed when weights=none
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeParams:
-    vocab_size: int = 5000
-    max_len: int = 40
+    vocab_size: int = 5000  # top words kept (the tutorial's), plus <pad> <start> <end> <unk>
+    max_len: int = 40  # tokens per caption including <start> and <end>; longer ones are cut
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
+    # The tutorial's sizes: embedding 256, GRU and attention 512, encoder Dense(256).
     embedding_dim: int = 256
     units: int = 512
     attention_units: int = 512
     encoder_dim: int = 256
-    # A learned embedding per feature-map location added to the encoded features.
+    # A learned vector per feature-map location added to the encoded features,
+    # so the attended context says where it looked. Off: it did not help on the demo.
     location_embedding: bool = False
-    batch_size: int = 64
-    # Image-major batches: K captions per image share one encoder pass (0: one row per caption).
+    batch_size: int = 64  # caption pairs per step (the tutorial's); whole images when K > 1
+    # K: an epoch is every image once with K of its captions, drawn afresh each
+    # epoch, in image-major batches that share one encoder pass (0: every caption,
+    # the tutorial's epoch). The model overfits the pictures long before it has
+    # seen every wording, so more images beat more captions per image.
     captions_per_image: int = 1
+    # With K=1 and the cosine schedule, the default run fits in 15 minutes on 2 cores.
     epochs: int = 15
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # the tutorial's Adam rate; 2e-3 and 3e-3 trailed it
     # Decay over `epochs` (cosine down to lr_min_fraction * learning_rate) or constant.
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_min_fraction: float = 0.02
     clip_norm: float = 5.0  # global gradient-norm clipping; 0 turns it off
-    label_smoothing: float = 0.0
-    attention_penalty: float = 1.0
-    # Best checkpoint and early stopping: val CIDEr (greedy captions of a fixed
-    # val sample, each epoch) or val loss.
+    # Target smoothing (Szegedy et al. 2016); 0 turns it off. With five wordings
+    # per scene, one-hot targets ask the model to be sure of a word the
+    # references disagree on; 0.1 beat 0 on val object accuracy and CIDEr.
+    label_smoothing: float = 0.1
+    # Weight of the doubly stochastic attention penalty (Xu et al. 2015, lambda).
+    # About 20 words over 64 locations cannot cover every location, so the term
+    # stays near 0.5 and at weight 1 pulls attention towards the background;
+    # 0.1 scored higher.
+    attention_penalty: float = 0.1
+    # Best checkpoint and early stopping: val CIDEr of greedy captions for a fixed
+    # val sample, each epoch (what the model writes), or val loss (mostly how well
+    # it guesses which of five wordings a reference used).
     select_by: Literal["val_CIDEr", "val_loss"] = "val_CIDEr"
-    val_sample_images: int = 120
+    val_sample_images: int = 120  # val images captioned after every epoch for val_CIDEr
     early_stopping_patience: int = 3
     seed: int = 42
-    jit_compile: bool = True
-    deterministic: bool = False
+    jit_compile: bool = True  # XLA-compile the whole-sequence train step (about 4x faster on CPU)
+    deterministic: bool = False  # TF op determinism: bit-identical reruns, about 3x slower steps
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     split: Literal["train", "val", "test"] = "test"
-    decoder: Literal["greedy", "sample", "beam"] = "greedy"
+    # Greedy: the figure the gates and the registry compare; beam 3 scores a
+    # little higher at less than half the speed.
+    decoder: DecoderMethod = "greedy"
     beam_size: int = 3
+    # Beam: rank finished captions by log-prob / words**length_penalty. 0 ranks by
+    # the raw sum, which prefers short captions; 1 (per word) scores best on val.
     length_penalty: float = 1.0
-    temperature: float = 1.0
-    max_len: int = 40
-    batch_size: int = 64
+    temperature: float = 1.0  # sample: softmax(logits / temperature)
+    max_len: int = 40  # most tokens per caption: as long as tokenize.max_len, the longest trained
+    batch_size: int = 64  # images decoded together
 
 
 @dataclasses.dataclass(frozen=True)
 class RegisterParams:
+    # The alias `champion` moves only on a better test CIDEr on the same test set.
     model_name: str = "image-captioner"
-    max_batch: int = 16
-    max_pixels: int = 89_478_485
+    max_batch: int = 16  # most images per /invocations request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per-image bound read from the header
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportParams:
-    num_images: int = 8
+    num_images: int = 8  # a fixed sample of test images drawn with attention overlays
     seed: int = 0
 
 
@@ -131,6 +171,8 @@ class GatesParams:
     Both map a metric name of reports/metrics.json to a number in that metric's
     own units; every metric is higher-is-better. A tolerance is an absolute drop
     (0.02 BLEU-4 points), not a relative one, so it stays meaningful near zero.
+    Empty by default (no gate): the floors are this repository's policy for its
+    own metrics, so they live in params.yaml alone.
     """
 
     floors: dict[str, float] = dataclasses.field(default_factory=dict)

@@ -13,16 +13,17 @@ attention weights of every emitted word.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import tensorflow as tf
 
+from captioning.config import DecoderMethod, EvaluateParams
 from captioning.model import Captioner
 from captioning.text import END_ID, PAD_ID, START_ID
 
-Method = Literal["greedy", "sample", "beam"]
+Method = DecoderMethod  # the names evaluate.decoder accepts
 
 
 @dataclasses.dataclass
@@ -53,16 +54,20 @@ class CaptionDecoder:
     def decode(
         self,
         features: np.ndarray | Sequence,
-        method: Method = "greedy",
-        max_len: int = 24,
-        beam_size: int = 3,
-        temperature: float = 1.0,
+        method: Method = EvaluateParams.decoder,
+        max_len: int = EvaluateParams.max_len,
+        beam_size: int = EvaluateParams.beam_size,
+        temperature: float = EvaluateParams.temperature,
         length_penalty: float = 0.0,
         seed: int = 0,
-        batch_size: int = 64,
+        batch_size: int = EvaluateParams.batch_size,
     ) -> DecodeResult:
-        """Caption `features` (N, L, F) in batches; see the module docstring for methods."""
-        if method not in ("greedy", "sample", "beam"):
+        """Caption `features` (N, L, F) in batches; see the module docstring for methods.
+
+        `length_penalty` 0 ranks beams by their raw log-probability, the search
+        without a length model; the evaluate stage passes its own setting.
+        """
+        if method not in typing.get_args(Method):
             raise ValueError(f"unknown decoder {method!r}; use greedy, sample or beam")
         if max_len < 1:
             raise ValueError("max_len must be at least 1")

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from captioning.config import FeaturesParams, TrainParams
 from captioning.text import PAD_ID, Vocabulary
 
 PACKAGE = "captioning"
@@ -32,25 +33,30 @@ PACKAGE = "captioning"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything that shapes the network; saved inside the model."""
+    """Everything that shapes the network; saved inside the model.
 
-    vocab_size: int
-    embedding_dim: int = 256
-    units: int = 512
-    attention_units: int = 512
-    encoder_dim: int = 256
+    Fields that mirror a params.yaml key (the train sizes and loss weights, the
+    features extractor) take their defaults from that section's dataclass, so
+    the two cannot drift apart.
+    """
+
+    vocab_size: int  # the vocabulary's length, specials included
+    embedding_dim: int = TrainParams.embedding_dim
+    units: int = TrainParams.units
+    attention_units: int = TrainParams.attention_units
+    encoder_dim: int = TrainParams.encoder_dim
+    # InceptionV3's last block at its default input side (features.image_size):
+    # an 8x8 grid read as 64 locations of 2048 channels.
     feature_dim: int = 2048
     num_locations: int = 64
-    attention_penalty: float = 1.0
-    label_smoothing: float = 0.0
-    # A learned vector per feature-map location added to the encoded features, so the
-    # attended context says where it looked (the tutorial has none).
-    location_embedding: bool = False
+    attention_penalty: float = TrainParams.attention_penalty
+    label_smoothing: float = TrainParams.label_smoothing
+    location_embedding: bool = TrainParams.location_embedding
     # The extractor that made the features: inference must rebuild the same one.
-    image_size: int = 299
-    extractor_weights: str = "none"
-    extractor_seed: int = 0
-    extractor_digest: str = ""
+    image_size: int = FeaturesParams.image_size
+    extractor_weights: str = FeaturesParams.weights
+    extractor_seed: int = FeaturesParams.seed
+    extractor_digest: str = ""  # captioning.features.weights_digest; "" when not recorded
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,8 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from captioning import metrics
-from captioning.config import TrainParams
-from captioning.data import demo
+from captioning.atomic_files import atomic_path, atomic_write
+from captioning.config import EvaluateParams, TrainParams
+from captioning.data.demo_captions import caption_correct
 from captioning.decode import CaptionDecoder
 from captioning.features import FeatureStore
 from captioning.model import Captioner, ModelConfig, build_captioner
@@ -76,16 +77,15 @@ def caption_batches(
         tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
         tf.TensorSpec(token_shape, tf.int32),
     )
-    next_epoch = [epoch_offset]
+    first_epochs = itertools.count(epoch_offset, epochs or 0)  # of each iterator, in turn
 
-    def generate():
-        start = next_epoch[0]
-        next_epoch[0] += epochs or 0
+    def one_iterator():
+        start = next(first_epochs)
         yield from caption_arrays(
             store, captions, batch_size, seed, start, captions_per_image, epochs
         )
 
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    return tf.data.Dataset.from_generator(one_iterator, output_signature=signature).prefetch(2)
 
 
 def caption_arrays(
@@ -116,67 +116,93 @@ def caption_arrays(
     caption (rounded up to a multiple of 8) so the time loop does not run over
     padding.
     """
-    epoch = [epoch_offset]
-    lengths = (np.asarray(captions.tokens) != PAD_ID).sum(axis=1)  # (M,) one pass, small
-
-    if captions_per_image:
-        k = captions_per_image
-        images, first, counts = np.unique(captions.image_ids, return_index=True, return_counts=True)
-        by_image = np.split(np.argsort(captions.image_ids, kind="stable"), np.cumsum(counts)[:-1])
-        per_batch = max(1, round(batch_size / k))
+    plan = BatchPlan(captions, batch_size, captions_per_image)
+    # One long-lived iterator for all epochs (`epochs` None): a generator dataset
+    # that Keras re-creates each epoch blocks while the old one shuts down.
+    if epochs is None:
+        numbers = itertools.count(epoch_offset)
     else:
-        per_batch = batch_size
+        numbers = range(epoch_offset, epoch_offset + epochs)
+    for epoch in numbers:
+        for units, rows in plan.epoch(seed, epoch):
+            yield plan.read(store, units, rows)
 
-    def rows_of(units: np.ndarray, rng) -> np.ndarray:
-        """Caption rows of a batch: (B,) for captions, (n, K) for images."""
-        if not captions_per_image:
+
+class BatchPlan:
+    """Which caption rows make up each batch of an epoch, and reading them.
+
+    A batch is a set of units (captions, or images when `captions_per_image`
+    is K) and their caption rows: (B,) for captions, (n, K) for images.
+    """
+
+    def __init__(self, captions: CaptionSet, batch_size: int, captions_per_image: int | None):
+        self.captions = captions
+        self.k = captions_per_image or None
+        self.lengths = (np.asarray(captions.tokens) != PAD_ID).sum(axis=1)  # (M,) one pass, small
+        if self.k:
+            self.images, self.first_row, counts = np.unique(
+                captions.image_ids, return_index=True, return_counts=True
+            )
+            order = np.argsort(captions.image_ids, kind="stable")
+            self.rows_by_image = np.split(order, np.cumsum(counts)[:-1])
+            self.per_batch = max(1, round(batch_size / self.k))
+        else:
+            self.per_batch = batch_size
+
+    @property
+    def units(self) -> int:
+        return len(self.images) if self.k else len(self.captions)
+
+    def epoch(self, seed: int | None, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(units, rows) of every batch of `epoch`: shuffled by (seed, epoch), or in order."""
+        if seed is None:
+            return [(units, self._rows(units, None)) for units in self._in_order()]
+        return self._shuffled(np.random.default_rng([seed, epoch]))
+
+    def read(self, store: FeatureStore, units: np.ndarray, rows: np.ndarray):
+        """(features, tokens) of one batch, tokens cut to the batch's longest caption."""
+        tokens = np.asarray(self.captions.tokens[rows.reshape(-1)])  # (B, T)
+        width = int((tokens != PAD_ID).sum(axis=1).max())
+        # Round up to a multiple of 8: XLA compiles once per shape, so a few widths.
+        width = min(-(-width // 8) * 8, tokens.shape[1])
+        tokens = tokens[:, :width].reshape(*rows.shape, width)
+        ids = self.images[units] if self.k else self.captions.image_ids[rows]
+        return store.get(ids), tokens
+
+    def _in_order(self) -> list[np.ndarray]:
+        """Validation: every unit once, captions in store order, images in caption-file order."""
+        order = np.arange(self.units)
+        if self.k:
+            order = order[np.argsort(self.first_row, kind="stable")]
+        return [order[i : i + self.per_batch] for i in range(0, len(order), self.per_batch)]
+
+    def _shuffled(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        order = np.arange(self.units)
+        rng.shuffle(order)
+        if not self.k:
+            batches = _length_buckets(order, self.lengths, self.per_batch, rng)
+            return [(units, self._rows(units, None)) for units in batches]
+        # Choose this epoch's K captions per image first, then group images by the
+        # length of those captions: a batch is cut to its longest row.
+        picked = np.empty((self.units, self.k), dtype=np.int64)
+        picked[order] = self._rows(order, rng)  # (units, K), indexed by image
+        batches = _length_buckets(order, self.lengths[picked].max(axis=1), self.per_batch, rng)
+        return [(units, picked[units]) for units in batches]
+
+    def _rows(self, units: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """Caption rows of `units`: (B,) sorted captions, or (n, K) captions per image."""
+        if not self.k:
             return np.sort(units)  # sorted: friendlier to the mmap
         picked = []
-        for u in units:
-            rows = by_image[u]
+        for unit in units:
+            rows = self.rows_by_image[unit]
             if rng is None:  # validation: the first K, cycling when there are fewer
-                picked.append(np.resize(rows, k))
-            elif len(rows) >= k:
-                picked.append(rng.choice(rows, k, replace=False))
+                picked.append(np.resize(rows, self.k))
+            elif len(rows) >= self.k:
+                picked.append(rng.choice(rows, self.k, replace=False))
             else:
-                picked.append(np.concatenate([rows, rng.choice(rows, k - len(rows))]))
+                picked.append(np.concatenate([rows, rng.choice(rows, self.k - len(rows))]))
         return np.stack(picked)
-
-    def one_epoch():
-        units = len(images) if captions_per_image else len(captions)
-        order = np.arange(units)
-        rng = None
-        if seed is None:
-            if captions_per_image:
-                order = order[np.argsort(first, kind="stable")]  # images in caption-file order
-            batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
-            picked = None
-        else:
-            rng = np.random.default_rng([seed, epoch[0]])
-            rng.shuffle(order)
-            epoch[0] += 1
-            unit_lengths, picked = lengths, None
-            if captions_per_image:
-                # Choose this epoch's K captions per image first, then group images by
-                # the length of those captions: a batch is cut to its longest row.
-                picked = np.empty((units, k), dtype=np.int64)
-                picked[order] = rows_of(order, rng)  # (units, K), indexed by image
-                unit_lengths = lengths[picked].max(axis=1)
-            batches = _length_buckets(order, unit_lengths, per_batch, rng)
-        for units_ in batches:
-            rows = rows_of(units_, None) if picked is None else picked[units_]
-            tokens = np.asarray(captions.tokens[rows.reshape(-1)])  # (B, T)
-            width = int((tokens != PAD_ID).sum(axis=1).max())
-            # Round up to a multiple of 8: XLA compiles once per shape, so a few widths.
-            width = min(-(-width // 8) * 8, tokens.shape[1])
-            tokens = tokens[:, :width].reshape(*rows.shape, width)
-            ids = images[units_] if captions_per_image else captions.image_ids[rows]
-            yield store.get(ids), tokens
-
-    # One long-lived iterator for all epochs (`epochs` None): Keras re-creating a
-    # finished generator dataset each epoch stalled ~20 s while the old one shut down.
-    for _ in itertools.count() if epochs is None else range(epochs):
-        yield from one_epoch()
 
 
 def steps_per_epoch(captions: CaptionSet, batch_size: int, captions_per_image: int | None) -> int:
@@ -196,7 +222,7 @@ def _length_buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng
     time steps spent on padding (the time loop is most of the cost). The
     shuffled rows left over after the last full batch wait for the next epoch
     (different ones each time): a short batch would be one more shape for XLA
-    to compile, about as slow as an epoch's worth of steps on two cores.
+    to compile, which costs as much as many training steps.
     """
     if len(order) >= batch_size:
         order = order[: len(order) // batch_size * batch_size]
@@ -217,11 +243,14 @@ def settings_fingerprint(*parts: object) -> str:
 
 
 def code_fingerprint() -> str:
-    """Hash of the modules that decide what training computes: a resume needs the same code."""
-    from captioning import decode, metrics, model
+    """Hash of the modules that decide what training computes: a resume needs the same code.
+
+    config is among them: the val captions are decoded with evaluate's defaults.
+    """
+    from captioning import config, decode, metrics, model
 
     digest = hashlib.sha256()
-    for module in (model, decode, metrics):
+    for module in (model, decode, metrics, config):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -280,15 +309,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
         best = self.state["best"]
         if best is None or self.sign * value < self.sign * best:
             self.state.update(best=value, best_epoch=epoch + 1, wait=0)
-            _atomic_save_weights(self.model, self.directory / "best.weights.h5")
+            _save_weights(self.model, self.directory / "best.weights.h5")
         else:
             self.state["wait"] += 1
-        _atomic_save_weights(self.model, self.directory / "last.weights.h5")
+        _save_weights(self.model, self.directory / "last.weights.h5")
         _save_optimizer(self.model.optimizer, self.directory / "optimizer.npz")
         self.state["epoch"] = epoch + 1
         self.state["history"].append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
         _write_history(self.history_csv, self.state["history"])
-        _atomic_write(
+        atomic_write(
             self.directory / "state.json",
             json.dumps({**self.state, "fingerprint": self.fingerprint}, indent=2),
         )
@@ -300,8 +329,8 @@ class HeldOutLoss(keras.callbacks.Callback):
     """Each epoch: the model's metrics on the val batches, as `val_loss`, `val_ce`, ...
 
     Keras' own `validation_data` re-creates a generator-backed tf.data iterator
-    every epoch, and tearing the old one down stalled 15-20 s per epoch here
-    (two cores); these batches are read in the calling thread instead. Values
+    every epoch, and tearing the old one down blocks the epoch for seconds on a
+    small machine; these batches are read in the calling thread instead. Values
     are unweighted means over the batches.
     """
 
@@ -340,8 +369,8 @@ class ValCaptionScore(keras.callbacks.Callback):
         image_ids: np.ndarray,
         references: dict[int, list[str]],
         objects: dict[int, list[dict]] | None = None,
-        max_len: int = 40,
-        batch_size: int = 64,
+        max_len: int = EvaluateParams.max_len,
+        batch_size: int = EvaluateParams.batch_size,
     ):
         super().__init__()
         missing = [int(i) for i in image_ids if int(i) not in references]
@@ -368,10 +397,7 @@ class ValCaptionScore(keras.callbacks.Callback):
         if self.objects is not None:
             logs["val_object_accuracy"] = float(
                 np.mean(
-                    [
-                        demo.caption_correct(c, self.objects.get(i, []))
-                        for i, c in candidates.items()
-                    ]
+                    [caption_correct(c, self.objects.get(i, [])) for i, c in candidates.items()]
                 )
             )
 
@@ -432,47 +458,18 @@ def fit_captioner(
     if params.deterministic:
         # Bit-identical reruns, at about 3x the step time under XLA on CPU.
         tf.config.experimental.enable_op_determinism()
-    num_loc, feat_dim = store.feature_shape
-    config = ModelConfig(
-        vocab_size=len(vocabulary),
-        embedding_dim=params.embedding_dim,
-        units=params.units,
-        attention_units=params.attention_units,
-        encoder_dim=params.encoder_dim,
-        location_embedding=params.location_embedding,
-        feature_dim=feat_dim,
-        num_locations=num_loc,
-        attention_penalty=params.attention_penalty,
-        label_smoothing=params.label_smoothing,
-        **extractor,
-    )
-    model = build_captioner(config, vocabulary, seed=params.seed)
-    mean, std = store.feature_stats("train")
-    model.encoder.set_feature_stats(mean, std)
     k = params.captions_per_image or None
     steps = steps_per_epoch(train, params.batch_size, k)
-    model.compile(optimizer=make_optimizer(params, steps), jit_compile=params.jit_compile)
+    model = compiled_captioner(store, vocabulary, params, extractor, steps)
 
     checkpoint_dir = Path(checkpoint_dir)
     fingerprint = settings_fingerprint(
-        dataclasses.asdict(params),
-        extractor,
-        vocabulary.words,
-        len(train),
-        len(val),
-        store_fingerprint(store),
-        sorted(val_references or {}),
-        val_objects is not None,
+        dataclasses.asdict(params), extractor, vocabulary.words, len(train), len(val),
+        store_fingerprint(store), sorted(val_references or {}), val_objects is not None,
         code_fingerprint(),
-    )
+    )  # fmt: skip
     state = _resume_state(checkpoint_dir, fingerprint)
-    initial_epoch = 0
-    if state:
-        model.load_weights(checkpoint_dir / "last.weights.h5")
-        _load_optimizer(model, checkpoint_dir / "optimizer.npz")
-        initial_epoch = state["epoch"]
-        if on_resume:
-            on_resume(initial_epoch)
+    initial_epoch = _restore_checkpoint(model, checkpoint_dir, state, on_resume)
     checkpoint = EpochCheckpoint(
         checkpoint_dir,
         Path(history_csv),
@@ -481,20 +478,8 @@ def fit_captioner(
         state,
         monitor=params.select_by,
     )
-    scorers: list[keras.callbacks.Callback] = [
-        LearningRateLog(),
-        HeldOutLoss(
-            lambda: caption_arrays(store, val, params.batch_size, None, 0, k),
-            params.jit_compile,
-        ),
-    ]
-    if val_references:
-        sample = val_sample(val, params.val_sample_images, params.seed)
-        scorers.append(ValCaptionScore(store, sample, val_references, val_objects))
-    done = state and (
-        state["epoch"] >= params.epochs or state["wait"] >= params.early_stopping_patience
-    )
-    if not done:
+    scorers = _epoch_scorers(store, val, params, val_references, val_objects)
+    if not _finished(state, params):
         model.fit(
             caption_batches(store, train, params.batch_size, params.seed, initial_epoch, k, None),
             steps_per_epoch=steps,
@@ -514,13 +499,64 @@ def fit_captioner(
     return model, summary
 
 
+def compiled_captioner(
+    store: FeatureStore,
+    vocabulary: Vocabulary,
+    params: TrainParams,
+    extractor: dict,
+    steps: int,
+) -> Captioner:
+    """A fresh captioner sized by `params` for `store`'s features, standardised and compiled.
+
+    `steps`: training steps per epoch, the unit of the learning-rate schedule.
+    """
+    num_loc, feat_dim = store.feature_shape
+    config = ModelConfig(
+        vocab_size=len(vocabulary),
+        embedding_dim=params.embedding_dim,
+        units=params.units,
+        attention_units=params.attention_units,
+        encoder_dim=params.encoder_dim,
+        location_embedding=params.location_embedding,
+        feature_dim=feat_dim,
+        num_locations=num_loc,
+        attention_penalty=params.attention_penalty,
+        label_smoothing=params.label_smoothing,
+        **extractor,
+    )
+    model = build_captioner(config, vocabulary, seed=params.seed)
+    mean, std = store.feature_stats("train")
+    model.encoder.set_feature_stats(mean, std)
+    model.compile(optimizer=make_optimizer(params, steps), jit_compile=params.jit_compile)
+    return model
+
+
+def _epoch_scorers(
+    store: FeatureStore,
+    val: CaptionSet,
+    params: TrainParams,
+    val_references: dict[int, list[str]] | None,
+    val_objects: dict[int, list[dict]] | None,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks that add this epoch's learning rate and val figures to the logs."""
+    k = params.captions_per_image or None
+    scorers: list[keras.callbacks.Callback] = [
+        LearningRateLog(),
+        HeldOutLoss(
+            lambda: caption_arrays(store, val, params.batch_size, None, 0, k),
+            params.jit_compile,
+        ),
+    ]
+    if val_references:
+        sample = val_sample(val, params.val_sample_images, params.seed)
+        scorers.append(ValCaptionScore(store, sample, val_references, val_objects))
+    return scorers
+
+
 def save_model(model: Captioner, path: str | Path) -> None:
-    """Write the `.keras` file atomically (Keras insists on the suffix, hence the name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    """Write the `.keras` file atomically (Keras insists on the suffix)."""
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
 
 
 # -- checkpoint plumbing --------------------------------------------------------
@@ -537,23 +573,37 @@ def _resume_state(directory: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _restore_checkpoint(
+    model: Captioner,
+    directory: Path,
+    state: dict | None,
+    on_resume: Callable[[int], None] | None,
+) -> int:
+    """Load the last epoch's weights and optimiser state when resuming; the epoch to start at."""
+    if not state:
+        return 0
+    model.load_weights(directory / "last.weights.h5")
+    _load_optimizer(model, directory / "optimizer.npz")
+    if on_resume:
+        on_resume(state["epoch"])
+    return state["epoch"]
 
 
-def _atomic_save_weights(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(".tmp." + path.name)
-    model.save_weights(tmp)
-    os.replace(tmp, path)
+def _finished(state: dict | None, params: TrainParams) -> bool:
+    """Whether a resumed run already ran every epoch or stopped early."""
+    return bool(state) and (
+        state["epoch"] >= params.epochs or state["wait"] >= params.early_stopping_patience
+    )
+
+
+def _save_weights(model: keras.Model, path: Path) -> None:
+    with atomic_path(path, suffix=".weights.h5") as tmp:  # Keras checks the suffix
+        model.save_weights(tmp)
 
 
 def _save_optimizer(optimizer: keras.optimizers.Optimizer, path: Path) -> None:
-    tmp = path.with_name(".tmp." + path.name)
-    with open(tmp, "wb") as fh:
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, *[v.numpy() for v in optimizer.variables])
-    os.replace(tmp, path)
 
 
 def _load_optimizer(model: keras.Model, path: Path) -> None:
@@ -568,12 +618,9 @@ def _load_optimizer(model: keras.Model, path: Path) -> None:
 
 def _write_history(path: str | Path, rows: list[dict]) -> None:
     """Per-epoch metrics as CSV (the DVC plots source), rewritten whole each epoch."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0]) if rows else ["epoch"]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
