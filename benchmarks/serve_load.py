@@ -31,11 +31,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import requests
 
+from benchmarks.scoring_server import ScoringServer, process_tree_rss
 from captioning import tracking
-from captioning.serving import ScoringServer, process_tree_rss
+from captioning.config import EvaluateParams, TokenizeParams, TrainParams
+from captioning.data.demo import generate_demo
+from captioning.features import build_extractor, weights_digest
+from captioning.model import ModelConfig, build_captioner
+from captioning.serving import ServingConfig, log_captioner_model
+from captioning.text import SPECIAL_TOKENS, Vocabulary
+from captioning.training import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -43,23 +51,12 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def demo_images(folder: Path, count: int = 16) -> list[bytes]:
     """JPEG bytes of `count` demo images (299x299 scenes), generated into `folder`."""
-    from captioning.data.demo import generate_demo
-
     generate_demo(folder, count, 0, seed=11)
     return [p.read_bytes() for p in sorted((folder / "train2014").glob("*.jpg"))][:count]
 
 
 def untrained_model_uri(store: Path) -> str:
     """Log an untrained default-size captioner to a sqlite store under `store`; its models:/ URI."""
-    import mlflow
-
-    from captioning.config import EvaluateParams, TokenizeParams, TrainParams
-    from captioning.features import build_extractor, weights_digest
-    from captioning.model import ModelConfig, build_captioner
-    from captioning.serving import ServingConfig, log_captioner_model
-    from captioning.text import SPECIAL_TOKENS, Vocabulary
-    from captioning.training import save_model
-
     train, tokenize, evaluate = TrainParams(), TokenizeParams(), EvaluateParams()
     vocab = Vocabulary(list(SPECIAL_TOKENS) + [f"word{i}" for i in range(tokenize.vocab_size)])
     digest = weights_digest(build_extractor("none", 299, 0))

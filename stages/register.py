@@ -3,13 +3,13 @@
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
 from captioning import registry, tracking
+from captioning.atomic_files import atomic_write
 from captioning.config import load_section
 from captioning.serving import ServingConfig, log_captioner_model
 
@@ -33,15 +33,7 @@ def main() -> None:
     eval_set = registry.evaluation_set_digest(
         pd.read_parquet(args.table), evaluate.split, image_ids
     )
-    serving = ServingConfig(
-        decoder=evaluate.decoder,
-        beam_size=evaluate.beam_size,
-        length_penalty=evaluate.length_penalty,
-        max_length=evaluate.max_len,
-        temperature=evaluate.temperature,
-        max_batch=params.max_batch,
-        max_pixels=params.max_pixels,
-    )
+    serving = ServingConfig.from_params(evaluate, params)
     numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
     tracking.configure(Path.cwd())
@@ -74,10 +66,7 @@ def main() -> None:
                 "registered_alias": result.alias,
             }
         )
-    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(result.to_json())
-    os.replace(tmp, args.out)
+    atomic_write(args.out, result.to_json())
     print(f"register: {result.name} version {result.version} -> {result.alias}: {result.reason}")
 
 

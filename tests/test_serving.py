@@ -1,13 +1,14 @@
-"""The served model: request checks, the pyfunc model, the registry, and the real MLflow server.
+"""The served model: request checks, the pyfunc model, how it is logged, and the real server.
 
 Fast tests check request validation on its own, the pyfunc `predict` on an
 untrained tiny model (no server; the scoring server's own request parsing is
 called in-process, so the HTTP status and message are the ones a client gets),
-and the champion/challenger rules against a real sqlite registry. The slow
-integration test trains a tiny model on demo data, registers it through the
-`register` stage, serves it with the real `mlflow models serve`, compares the
-served captions with `captioning caption`, sends every kind of bad request,
-and checks that a worse second model does not take the champion alias.
+every image format and EXIF orientation, and that the model is logged as code
+(no pickle). The slow integration test trains a tiny model on demo data,
+registers it through the `register` stage, serves it with the real `mlflow
+models serve`, compares the served captions with `captioning caption`, sends
+every kind of bad request, and checks that a worse second model does not take
+the champion alias. The registry's rules are tested in test_registry.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import collections
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +31,8 @@ import pandas as pd
 import pytest
 import requests
 import tensorflow as tf
+import yaml
+from benchmarks.scoring_server import ScoringServer
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 from PIL import Image
@@ -36,14 +40,13 @@ from PIL import Image
 from captioning import registry
 from captioning.config import EvaluateParams
 from captioning.data.demo import generate_demo
-from captioning.features import build_extractor, preprocess_image, weights_digest
+from captioning.features import build_extractor, weights_digest
 from captioning.inference import ImageCaptioner
 from captioning.model import ModelConfig, build_captioner
+from captioning.preprocessing import preprocess_image
 from captioning.serving import (
-    ScoringServer,
     ServingConfig,
     captioner_model_kwargs,
-    check_image_header,
     decode_base64_image,
     decoding_settings,
     log_captioner_model,
@@ -71,6 +74,35 @@ def jpeg_bytes(seed: int = 0, size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+def encode_as(pixels: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo_pixels(height: int = 48, width: int = 80) -> np.ndarray:
+    """A smooth, asymmetric picture (bright top-left corner): rotating it changes its look."""
+    rows = np.linspace(255, 0, height)[:, None]
+    cols = np.linspace(255, 0, width)[None, :]
+    red = rows * cols / 255
+    return np.stack(
+        [red, np.broadcast_to(rows, red.shape), np.broadcast_to(cols, red.shape)], -1
+    ).astype(np.uint8)  # (height, width, 3)
+
+
+def exif_rotated_jpeg(pixels: np.ndarray) -> bytes:
+    """A JPEG of `pixels` tagged EXIF orientation 6: "rotate 90 degrees clockwise to view"."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    return encode_as(pixels, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def stored_pixels(data: bytes) -> np.ndarray:
+    """The pixels as stored in the file, orientation tag ignored."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 # ----------------------------------------------------------------------------- request checks
@@ -118,8 +150,9 @@ def test_decode_base64_image_returns_the_bytes_and_ignores_line_breaks():
         ("  \n", "image 0: empty string"),
         ("not base64!!", "image 0: not valid base64"),
         ("YWJj*GVm", "image 0: not valid base64"),
-        (b64(b"hello, not an image"), "image 0: not a JPEG or PNG image"),
-        (b64(b"GIF89a" + bytes(40)), "image 0: not a JPEG or PNG image"),
+        (b64(b"hello, not an image"), "image 0: not an image format Pillow reads"),
+        (b64(b"GIF89a" + bytes(40)), "image 0: not an image format Pillow reads"),
+        (b64(png_bytes(64, 64)[:20]), "image 0: unreadable header (Truncated File Read)"),
         (b64(png_bytes(200, 200, "1")), "200x200 = 40000 pixels exceeds the bound of 10000"),
         ("A" * 80_000, "exceeds the limit of 50000 bytes"),
         (17, "expected a base64 string, got int"),
@@ -133,12 +166,21 @@ def test_decode_base64_image_names_the_problem(value, message):
     assert err.value.get_http_status_code() == 400
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, at 89 M
 def test_a_decompression_bomb_is_refused_from_its_header():
     # 15000 x 15000 = 225 M pixels: over twice Pillow's own bound, so Pillow itself refuses to open it.
     bomb = png_bytes(15_000, 15_000, "1")
-    with pytest.raises(MlflowException, match="exceeds the bound"):
-        check_image_header(bomb, "image 0", 89_478_485)
-    assert check_image_header(png_bytes(300, 200), "x", 89_478_485) == ("PNG", 300, 200)
+    with pytest.raises(MlflowException, match="image 0: exceeds the bound of 89478485 pixels"):
+        decode_base64_image(b64(bomb), "image 0", ServingConfig())
+    # 10000 x 10000 = 100 M pixels: between Pillow's bound and twice it; the model's bound decides.
+    big = png_bytes(10_000, 10_000, "1")
+    with pytest.raises(MlflowException, match="exceeds the bound of 89478485 pixels"):
+        decode_base64_image(b64(big), "image 0", ServingConfig())
+    roomy = ServingConfig(max_pixels=100_000_000, max_image_bytes=10**8)
+    assert decode_base64_image(b64(big), "image 0", roomy) == big
+    assert decode_base64_image(b64(png_bytes(300, 200)), "x", ServingConfig()) == png_bytes(
+        300, 200
+    )
 
 
 def test_decoding_settings_merge_over_the_defaults_and_check_ranges():
@@ -246,11 +288,15 @@ def test_pyfunc_decodes_one_image_with_every_decoder(pyfunc_model, decoder, beam
     ("payload", "message"),
     [
         ({"inputs": ["%%%"]}, "image 0: not valid base64"),
-        ({"inputs": [b64(jpeg_bytes()), b64(b"plain text")]}, "image 1: not a JPEG or PNG image"),
+        (
+            {"inputs": [b64(jpeg_bytes()), b64(b"plain text")]},
+            "image 1: not an image format Pillow reads",
+        ),
         ({"inputs": [""]}, "image 0: empty string"),
-        ({"inputs": [b64(jpeg_bytes()[:300])]}, "image 0: a truncated or corrupt JPEG"),
-        ({"inputs": [b64(jpeg_bytes()[:-600])]}, "image 0: not a decodable JPEG/PNG image"),
-        ({"inputs": [b64(png_bytes(64, 64)[:20])]}, "image 0: a truncated or corrupt PNG"),
+        ({"inputs": [b64(jpeg_bytes()[:300])]}, "image 0: unreadable header (Truncated File Read)"),
+        ({"inputs": [b64(jpeg_bytes()[:-600])]}, "image 0: a truncated or corrupt JPEG"),
+        ({"inputs": [b64(png_bytes(64, 64)[:20])]}, "image 0: unreadable header (Truncated"),
+        ({"inputs": [b64(encode_as(photo_pixels(), "TIFF")[:-40])]}, "a truncated or corrupt TIFF"),
         ({"inputs": [b64(png_bytes(500, 500, "1"))]}, "exceeds the bound of 160000 pixels"),
         ({"inputs": []}, "empty batch"),
         ({"inputs": [b64(jpeg_bytes())] * 4}, "exceeds the maximum of 3"),
@@ -286,6 +332,44 @@ def test_both_json_formats_and_params_are_accepted(pyfunc_model):
     assert set(prediction) == {"caption", "score", "words", "attention"}
 
 
+@pytest.mark.parametrize(
+    ("fmt", "options", "lossless"),
+    [
+        ("WEBP", {"lossless": True}, True),
+        ("WEBP", {"quality": 80}, False),
+        ("BMP", {}, True),
+        ("TIFF", {}, True),
+        ("GIF", {}, False),  # 256-colour palette: not the same pixels
+    ],
+)
+def test_every_format_pillow_reads_gets_a_caption(pyfunc_model, fmt, options, lossless):
+    model, _ = pyfunc_model
+    pixels = photo_pixels()
+    png = encode_as(pixels, "PNG")
+    status, body = invoke(model, {"inputs": [b64(encode_as(pixels, fmt, **options)), b64(png)]})
+    assert status == 200, body
+    got, reference = body["predictions"]
+    assert isinstance(got["caption"], str) and np.isfinite(got["score"])
+    if lossless:
+        assert got["caption"] == reference["caption"]
+        assert got["score"] == pytest.approx(reference["score"], rel=1e-6)
+
+
+def test_an_exif_rotated_photo_is_captioned_upright(pyfunc_model):
+    model, _ = pyfunc_model
+    photo = exif_rotated_jpeg(photo_pixels())
+    stored = stored_pixels(photo)  # (48, 80, 3): as the camera wrote them
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))  # (80, 48, 3): orientation 6 turned
+    upright_png, sideways_png = encode_as(upright, "PNG"), encode_as(stored, "PNG")
+    got = model.predict(pd.DataFrame({"image": [b64(photo), b64(upright_png)]}))
+    assert got["caption"][0] == got["caption"][1]
+    assert got["score"][0] == pytest.approx(got["score"][1], rel=1e-6)
+    captioner = model.unwrap_python_model().captioner
+    pixels = captioner.preprocess([photo, upright_png, sideways_png])  # (3, 75, 75, 3)
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    assert np.abs(pixels[0] - pixels[2]).max() > 0.5  # the tag was not ignored
+
+
 @pytest.mark.slow  # writes and copies a 90 MB InceptionV3 weights file
 def test_extractor_weights_file_travels_with_the_model(tmp_path):
     weights = tmp_path / "inception.weights.h5"
@@ -319,103 +403,38 @@ def test_extractor_weights_file_travels_with_the_model(tmp_path):
     assert list(got["caption"]) == expected.captions
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- logging
 
 
-class _Constant(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return model_input
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    """A fresh sqlite tracking and registry store (absolute path)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+@pytest.fixture
+def tracking_store(tmp_path):
+    """A fresh sqlite tracking store, active for the test."""
     previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets this variable
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield
     mlflow.set_tracking_uri(previous)
 
 
-def _register(client, name, cider, eval_set="set-a", key=None, run_id=None):
-    """Register a trivial model from a new (or given) run with the given test CIDEr."""
-    if run_id is None:
-        with mlflow.start_run() as run:
-            run_id = run.info.run_id
+class _Messages(logging.Handler):
+    """Collects the messages of a logger (MLflow's loggers do not propagate to pytest's)."""
 
-    def log_model():
-        with mlflow.start_run(run_id=run_id):
-            # Explicit requirements: inferring them would load the model in a subprocess.
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=_Constant(), pip_requirements=["mlflow"]
-            )
-        return info.model_uri, info.model_id
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
 
-    return registry.register_captioner(
-        client, name, run_id, {"CIDEr": cider, "BLEU-4": 0.1}, eval_set, key or run_id, log_model
-    )
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
-def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(client):
-    name = "captioner-rules"
-    first = _register(client, name, 0.50)
-    assert (first.version, first.alias) == ("1", "champion")
-    assert "no champion yet" in first.reason
-
-    worse = _register(client, name, 0.40)
-    assert worse.alias == "challenger" and "does not beat" in worse.reason
-    equal = _register(client, name, 0.50)
-    assert equal.alias == "challenger"
-    other_set = _register(client, name, 0.90, eval_set="set-b")
-    assert other_set.alias == "challenger" and "different set" in other_set.reason
-    assert str(registry.current_champion(client, name).version) == "1"
-
-    better = _register(client, name, 0.60)
-    assert better.alias == "champion" and better.previous_champion == "1"
-    assert str(registry.current_champion(client, name).version) == better.version
-    tags = client.get_model_version(name, better.version).tags
-    assert tags[registry.TAG_EVAL_SET] == "set-a" and float(tags[registry.TAG_SCORE]) == 0.60
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == other_set.version
-
-
-def test_registering_the_same_run_and_model_twice_is_a_no_op(client):
-    name = "captioner-rerun"
-    first = _register(client, name, 0.5, key="same")
-    again = _register(client, name, 0.5, key="same", run_id=first.run_id)
-    assert again.version == first.version and again.alias == "champion"
-    assert len(client.search_model_versions(f"name = '{name}'")) == 1
-
-
-def test_decide_is_strict_and_checks_what_was_measured():
-    tags = {registry.TAG_EVAL_SET: "s", registry.TAG_METRIC: "CIDEr", registry.TAG_SCORE: "0.7"}
-    assert registry.decide(0.71, "s", tags).alias == "champion"
-    assert registry.decide(0.70, "s", tags).alias == "challenger"
-    assert registry.decide(float("nan"), "s", None).alias == "challenger"
-    assert "BLEU-4" in registry.decide(0.9, "s", tags, metric="BLEU-4").reason
-
-
-def test_evaluation_set_digest_depends_on_images_and_references():
-    table = pd.DataFrame(
-        {
-            "image_id": [1, 1, 2, 3],
-            "caption": ["a b", "c d", "e f", "g h"],
-            "split": ["test", "test", "test", "val"],
-            "path": ["p"] * 4,
-        }
-    )
-    digest = registry.evaluation_set_digest(table, "test", [2, 1])
-    assert digest == registry.evaluation_set_digest(table.iloc[::-1], "test", [1, 2])
-    assert digest != registry.evaluation_set_digest(table, "test", [1])
-    changed = table.assign(caption=["a b", "c d", "e f!", "g h"])
-    assert digest != registry.evaluation_set_digest(changed, "test", [1, 2])
-    with pytest.raises(ValueError, match="not in split 'test'"):
-        registry.evaluation_set_digest(table, "test", [3])
-
-
-def test_logged_model_has_signature_example_pinned_requirements_and_code(client, tmp_path):
+def test_logged_model_has_signature_example_pinned_requirements_and_code(tracking_store, tmp_path):
     keras_path = tiny_untrained_model(tmp_path / "tiny.keras")
-    with mlflow.start_run():
-        info = log_captioner_model(keras_path, ServingConfig(decoder="beam", max_batch=5))
+    mlflow_logger, messages = logging.getLogger("mlflow"), _Messages()
+    mlflow_logger.addHandler(messages)
+    try:
+        with mlflow.start_run():
+            info = log_captioner_model(keras_path, ServingConfig(decoder="beam", max_batch=5))
+    finally:
+        mlflow_logger.removeHandler(messages)
     params = {p.name: p.default for p in info.signature.params.params}
     assert params == {
         "decoder": "beam",
@@ -432,6 +451,12 @@ def test_logged_model_has_signature_example_pinned_requirements_and_code(client,
         assert any(r.startswith(dist) and "==" in r for r in requirements), requirements
     assert (local / "code" / "captioning" / "serving.py").is_file()
     assert (local / "serving_input_example.json").is_file()
+    # Logged as code: MLflow runs served_model.py on load; nothing is unpickled.
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert Path(flavor["model_code_path"]).name == "served_model.py"
+    assert (local / "served_model.py").is_file()
+    assert "python_model" not in flavor and not list(local.rglob("*.pkl"))
+    assert not [m for m in messages.messages if "cloudpickle" in m.lower()], messages.messages
 
 
 # ----------------------------------------------------------------------------- the real server
@@ -534,6 +559,7 @@ class Project:
             cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "cloudpickle" not in (done.stdout + done.stderr).lower()  # logged as code
         return json.loads((self.root / "reports" / "registered.json").read_text()), done.stdout
 
 
@@ -591,12 +617,25 @@ def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path):
         assert len(beam["attention"]) == len(beam["words"]) == len(beam["caption"].split())
         assert all(len(w) == 64 for w in beam["attention"])  # the 8x8 grid per word
 
+        # The same photo as lossless WebP, BMP and TIFF reads as the same pixels; GIF as a palette.
+        pixels = stored_pixels(images[0].read_bytes())
+        formats = [
+            encode_as(pixels, "WEBP", lossless=True),
+            encode_as(pixels, "BMP"),
+            encode_as(pixels, "TIFF"),
+            encode_as(pixels, "GIF"),
+        ]
+        other = post({"inputs": [b64(data) for data in formats]})
+        assert other.status_code == 200, other.text
+        captions = [p["caption"] for p in other.json()["predictions"]]
+        assert captions[:3] == [expected[0]["caption"]] * 3 and captions[3]
+
         truncated = images[0].read_bytes()[: len(images[0].read_bytes()) // 2]
         bad_requests = [
             ({"inputs": ["this is not base64!"]}, "not valid base64"),
-            ({"inputs": [b64(b"%PDF-1.4 not an image")]}, "not a JPEG or PNG image"),
+            ({"inputs": [b64(b"%PDF-1.4 not an image")]}, "not an image format Pillow reads"),
             ({"inputs": [""]}, "empty string"),
-            ({"inputs": [b64(truncated)]}, "not a decodable JPEG/PNG image"),
+            ({"inputs": [b64(truncated)]}, "a truncated or corrupt JPEG"),
             ({"inputs": [b64(png_bytes(10_000, 10_000, "1"))]}, "exceeds the bound of 89478485"),
             ({"images": encoded[:1]}, "dataframe_split"),
             ({"inputs": [encoded[:1]]}, "expected a base64 string"),

@@ -3,8 +3,11 @@
 `ImageCaptioner` is what people and servers use: `captioning caption` and the
 MLflow pyfunc model both call it. It rebuilds the InceptionV3 extractor the
 model's features were made with (recorded in the model's config, with a digest
-checked so a different extractor cannot silently produce nonsense), runs the
-project's one image preprocessing, and decodes in batches.
+checked so a different extractor cannot silently produce nonsense), reads
+images with the project's one image reader and preprocessing (any format
+Pillow reads, EXIF orientation applied, pixel count bounded), and decodes in
+batches. An image that cannot be read raises `captioning.images.ImageReadError`
+naming it and saying why.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ import numpy as np
 import tensorflow as tf
 
 from captioning.decode import CaptionDecoder, DecodeResult, Method
-from captioning.features import build_extractor, preprocess_image, weights_digest
+from captioning.features import build_extractor, weights_digest
+from captioning.images import DEFAULT_MAX_PIXELS, ImageReadError
 from captioning.model import Captioner, load_captioner
-
-
-class ImageError(ValueError):
-    """An input is not a decodable image; the message names which one and why."""
+from captioning.preprocessing import preprocess_image
 
 
 class ImageCaptioner:
     """Caption raw images with a trained captioner and its extractor."""
 
-    def __init__(self, model: Captioner | str | Path, extractor=None):
+    def __init__(
+        self,
+        model: Captioner | str | Path,
+        extractor=None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.model = model if isinstance(model, Captioner) else load_captioner(str(model))
         config = self.model.model_config
         if extractor is None:
@@ -43,21 +49,16 @@ class ImageCaptioner:
                 )
         self.extractor = extractor
         self.image_size = config.image_size
+        self.max_pixels = max_pixels
         self.decoder = CaptionDecoder(self.model)
         self._forward = tf.function(lambda x: self.extractor(x, training=False))
 
     def preprocess(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
-        """Decode and resize every image; (N, S, S, 3) float32. Bad images raise ImageError."""
+        """Decode and resize every image; (N, S, S, 3) float32. Bad images raise ImageReadError."""
         names = names or [f"image {i}" for i in range(len(images))]
         out = np.zeros((len(images), self.image_size, self.image_size, 3), np.float32)
         for i, (data, name) in enumerate(zip(images, names, strict=True)):
-            if not data:
-                raise ImageError(f"{name}: empty input (0 bytes)")
-            try:
-                out[i] = preprocess_image(data, self.image_size).numpy()
-            except (tf.errors.InvalidArgumentError, ValueError) as err:
-                message = str(err).strip().splitlines()[0][:200]
-                raise ImageError(f"{name}: not a decodable JPEG/PNG image ({message})") from None
+            out[i] = preprocess_image(data, self.image_size, self.max_pixels, name).numpy()
         return out
 
     def features(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -78,7 +79,7 @@ class ImageCaptioner:
         batch_size: int = 32,
         **kwargs,
     ) -> DecodeResult:
-        """Captions for encoded images (JPEG/PNG bytes)."""
+        """Captions for encoded images (bytes of any format Pillow reads)."""
         features = self.features(self.preprocess(images, names), batch_size)
         return self.decoder.decode(
             features,
@@ -90,11 +91,13 @@ class ImageCaptioner:
         )
 
     def caption_files(self, paths: Sequence[str | Path], **kwargs) -> DecodeResult:
-        """Captions for image files; a missing or unreadable file raises ImageError."""
+        """Captions for image files; a missing or unreadable file raises ImageReadError."""
         data = []
         for path in paths:
             try:
                 data.append(Path(path).read_bytes())
             except OSError as err:
-                raise ImageError(f"{path}: cannot read ({err.strerror})") from None
+                raise ImageReadError(
+                    str(path), "missing_file", f"cannot read ({err.strerror})"
+                ) from None
         return self.caption_bytes(data, [str(p) for p in paths], **kwargs)

@@ -124,7 +124,8 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     except MlflowException:
         try:
             client.create_registered_model(
-                name, description="Image captioner: base64 JPEG/PNG in, caption out"
+                name,
+                description="Image captioner: a base64 image in (JPEG, PNG, WebP, ...), caption out",
             )
         except MlflowException as err:  # created meanwhile by a concurrent register
             if "already exists" not in str(err).lower():

@@ -4,13 +4,15 @@
 the trained `.keras` captioner and hands it to `captioning.inference.ImageCaptioner`,
 which rebuilds the InceptionV3 extractor the model was trained with (seeded
 random weights, or a weights file logged beside the model) and checks its
-digest. Its `predict` takes base64-encoded JPEG/PNG bytes, validates every
-request before any pixel is decoded (base64 alphabet, size, format and pixel
-count read from the header), then runs the library's one preprocessing and
-decoding. A bad request raises `MlflowException(INVALID_PARAMETER_VALUE)`,
+digest. Its `predict` takes base64-encoded images in any format Pillow reads
+(JPEG, PNG, WebP, BMP, GIF, TIFF, ...), checks every request before any pixel
+is decoded (base64 alphabet, size, and the pixel count from the image header),
+then reads them with the project's one image reader (EXIF orientation applied)
+and preprocessing. A bad request raises `MlflowException(INVALID_PARAMETER_VALUE)`,
 which the scoring server answers with HTTP 400 and the message, and keeps
-serving. `log_captioner_model` logs it with a signature, an input example,
-pinned requirements and this package's code.
+serving. `log_captioner_model` logs it as a model from code (`served_model.py`,
+so loading it unpickles nothing) with a signature, an input example, pinned
+requirements and this package's code.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import binascii
 import dataclasses
 import importlib.metadata
 import io
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +32,26 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from PIL import Image, UnidentifiedImageError
+from mlflow.types.schema import Array
+from PIL import Image
 
-from captioning.config import EvaluateParams
+import captioning
+from captioning.config import EvaluateParams, RegisterParams
+from captioning.decode import DecodeResult
+from captioning.features import imagenet_weights_path
+from captioning.images import ImageReadError, image_size
+from captioning.inference import ImageCaptioner
+from captioning.model import load_captioner
 
 IMAGE_COLUMN = "image"
-ACCEPTED_FORMATS = ("JPEG", "PNG")
-_MAGIC = {"JPEG": b"\xff\xd8\xff", "PNG": b"\x89PNG\r\n\x1a\n"}
-# TF prefixes op errors with the graph function's name; clients need only the reason.
-_TF_OP_PREFIX = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 DECODERS = ("greedy", "sample", "beam")
 # Hard caps on request-controlled work: decoding cost grows with both.
 MAX_BEAM_SIZE = 16
 MAX_LENGTH = 64
 EXTRACTOR_ARTIFACT = "extractor_weights"
 CAPTIONER_ARTIFACT = "captioner"
+# The models-from-code file MLflow runs to build `CaptionerModel` on load.
+MODEL_CODE = Path(__file__).with_name("served_model.py")
 # What `import captioning.serving` and the model's own code need at serve time.
 PINNED_DISTRIBUTIONS = (
     ("tensorflow-cpu", "tensorflow"),  # either distribution provides `tensorflow`
@@ -67,14 +73,27 @@ class ServingConfig:
     length_penalty: float = EvaluateParams.length_penalty
     max_length: int = EvaluateParams.max_len
     temperature: float = EvaluateParams.temperature
-    max_batch: int = 16
-    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_batch: int = RegisterParams.max_batch
+    max_pixels: int = RegisterParams.max_pixels
+    max_image_bytes: int = 20 * 1024 * 1024  # a phone photo is a few MB
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> ServingConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (raw or {}).items() if k in names})
+
+    @classmethod
+    def from_params(cls, evaluate: EvaluateParams, register: RegisterParams) -> ServingConfig:
+        """Serve with the settings the model was evaluated with, under the register bounds."""
+        return cls(
+            decoder=evaluate.decoder,
+            beam_size=evaluate.beam_size,
+            length_penalty=evaluate.length_penalty,
+            max_length=evaluate.max_len,
+            temperature=evaluate.temperature,
+            max_batch=register.max_batch,
+            max_pixels=register.max_pixels,
+        )
 
 
 def bad_request(message: str) -> MlflowException:
@@ -118,7 +137,7 @@ def request_images(model_input: Any, max_batch: int) -> list[Any]:
 
 
 def decode_base64_image(value: Any, name: str, config: ServingConfig) -> bytes:
-    """Strict base64 -> bytes of a JPEG/PNG whose header passes the size bounds."""
+    """Strict base64 -> bytes of an image whose header passes the size bounds; nothing decoded."""
     if not isinstance(value, str):
         raise bad_request(
             f"{name}: expected a base64 string, got {type(value).__name__}"
@@ -126,7 +145,7 @@ def decode_base64_image(value: Any, name: str, config: ServingConfig) -> bytes:
         )
     text = "".join(value.split())  # `base64` wraps lines; whitespace is not data
     if not text:
-        raise bad_request(f"{name}: empty string; expected base64-encoded JPEG or PNG bytes")
+        raise bad_request(f"{name}: empty string; expected base64-encoded image bytes")
     # Refuse before decoding: base64 is 4 characters per 3 bytes.
     if len(text) > (config.max_image_bytes + 2) // 3 * 4:
         raise bad_request(
@@ -137,34 +156,11 @@ def decode_base64_image(value: Any, name: str, config: ServingConfig) -> bytes:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
         raise bad_request(f"{name}: not valid base64 ({err})") from None
-    check_image_header(data, name, config.max_pixels)
-    return data
-
-
-def check_image_header(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) read from the header only; no pixel is decoded here."""
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-            fmt, (width, height) = image.format, image.size
-    except Image.DecompressionBombError as err:  # Pillow refuses > 2x its own bound at open
-        raise bad_request(
-            f"{name}: image exceeds the bound of {max_pixels} pixels ({err})"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        for fmt, magic in _MAGIC.items():
-            if data.startswith(magic):
-                raise bad_request(
-                    f"{name}: a truncated or corrupt {fmt} ({len(data)} bytes; header: {err})"
-                ) from None
-        raise bad_request(
-            f"{name}: not a JPEG or PNG image ({len(data)} bytes starting {data[:8]!r})"
-        ) from None
-    if width * height > max_pixels:
-        raise bad_request(
-            f"{name}: {width}x{height} = {width * height} pixels exceeds the bound of "
-            f"{max_pixels} pixels (decompression bomb guard)"
-        )
-    return fmt, width, height
+        image_size(data, name, config.max_pixels)
+    except ImageReadError as err:
+        raise bad_request(str(err)) from None
+    return data
 
 
 def decoding_settings(params: dict[str, Any] | None, config: ServingConfig) -> dict[str, Any]:
@@ -181,23 +177,13 @@ def decoding_settings(params: dict[str, Any] | None, config: ServingConfig) -> d
     if settings["decoder"] not in DECODERS:
         raise bad_request(f"params.decoder={settings['decoder']!r}: use one of {list(DECODERS)}")
     for key, top in (("beam_size", MAX_BEAM_SIZE), ("max_length", MAX_LENGTH)):
-        value = settings[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | np.integer)
-            or not 1 <= value <= top
-        ):
-            raise bad_request(f"params.{key}={value!r}: expected an integer from 1 to {top}")
-        settings[key] = int(value)
-    temperature = settings["temperature"]
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or temperature <= 0
-    ):
-        raise bad_request(f"params.temperature={temperature!r}: expected a positive number")
+        settings[key] = _bounded_int(key, settings[key], top)
+    if not _is_number(settings["temperature"]) or settings["temperature"] <= 0:
+        raise bad_request(
+            f"params.temperature={settings['temperature']!r}: expected a positive number"
+        )
     penalty = settings["length_penalty"]
-    if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not 0 <= penalty <= 5:
+    if not _is_number(penalty) or not 0 <= penalty <= 5:
         raise bad_request(f"params.length_penalty={penalty!r}: expected a number from 0 to 5")
     if not isinstance(settings["return_attention"], bool | np.bool_):
         raise bad_request(
@@ -206,16 +192,23 @@ def decoding_settings(params: dict[str, Any] | None, config: ServingConfig) -> d
     return settings
 
 
+def _bounded_int(key: str, value: Any, top: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 1 <= value <= top:
+        raise bad_request(f"params.{key}={value!r}: expected an integer from 1 to {top}")
+    return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
 class CaptionerModel(mlflow.pyfunc.PythonModel):
-    """Raw images (base64 JPEG/PNG) -> caption, score and optionally per-word attention."""
+    """Raw images (base64, any format Pillow reads) -> caption, score, optionally attention."""
 
     def load_context(self, context):
-        from captioning.inference import ImageCaptioner
-        from captioning.model import load_captioner
-
         self.config = ServingConfig.from_dict(context.model_config)
         model = load_captioner(context.artifacts[CAPTIONER_ARTIFACT])
         weights = context.artifacts.get(EXTRACTOR_ARTIFACT)
@@ -223,7 +216,7 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             # The extractor weights travel with the model; point the config at
             # this copy so ImageCaptioner rebuilds from it and checks its digest.
             model.model_config = dataclasses.replace(model.model_config, extractor_weights=weights)
-        self.captioner = ImageCaptioner(model)
+        self.captioner = ImageCaptioner(model, max_pixels=self.config.max_pixels)
         self.vocabulary = model.vocabulary
         # Trace the extractor and the greedy loop now, not on the first request.
         self.captioner.caption_bytes([example_image_bytes()], method="greedy", max_len=2)
@@ -234,8 +227,6 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """One row per image: caption, score, and with return_attention words + attention."""
-        from captioning.inference import ImageError
-
         settings = decoding_settings(params, self.config)
         values = request_images(model_input, self.config.max_batch)
         names = [f"image {i}" for i in range(len(values))]
@@ -254,17 +245,21 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
                 temperature=float(settings["temperature"]),
                 batch_size=self.config.max_batch,
             )
-        except ImageError as err:
-            raise bad_request(_TF_OP_PREFIX.sub("", str(err))) from None
+        except ImageReadError as err:  # the header was fine, the pixels are not
+            raise bad_request(str(err)) from None
+        return pd.DataFrame(self.response_rows(result, settings["return_attention"]))
+
+    def response_rows(self, result: DecodeResult, with_attention: bool) -> list[dict[str, Any]]:
+        """The response rows of a decoded batch."""
         rows = []
         for i, caption in enumerate(result.captions):
             row = {"caption": caption, "score": float(result.scores[i])}
-            if settings["return_attention"]:
+            if with_attention:
                 n = int(result.lengths[i])
                 row["words"] = [self.vocabulary.words[t] for t in result.tokens[i, :n]]
                 row["attention"] = np.round(result.attention_for(i), 6).tolist()  # (words, L)
             rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
 
 # ----------------------------------------------------------------------------- logging
@@ -299,8 +294,6 @@ def pinned_requirements() -> list[str]:
 
 def captioner_signature(config: ServingConfig) -> ModelSignature:
     """One string column of base64 images in; caption + score (+ words, attention) out."""
-    from mlflow.types.schema import Array
-
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema(
@@ -326,8 +319,6 @@ def captioner_signature(config: ServingConfig) -> ModelSignature:
 
 def extractor_weights_file(extractor_weights: str) -> Path | None:
     """The file to ship for the model's extractor; None when it is rebuilt from a seed."""
-    from captioning.features import imagenet_weights_path
-
     key = extractor_weights.strip()
     if key.lower() == "none":
         return None
@@ -339,14 +330,13 @@ def extractor_weights_file(extractor_weights: str) -> Path | None:
 def captioner_model_kwargs(model_path: str | Path, config: ServingConfig) -> dict[str, Any]:
     """Everything `mlflow.pyfunc.log_model` / `save_model` need for the captioner.
 
-    Ships the `.keras` file, the extractor weights when they are a file, this
-    package's code (so `captioning` imports wherever the model is loaded),
-    the signature, an input example, and pins the installed versions of the
-    serving dependencies.
+    The model is `served_model.py` (models from code: MLflow copies the file
+    and runs it on load), with this package's code beside it so `captioning`
+    imports wherever the model is loaded. Ships the `.keras` file and the
+    extractor weights when they are a file as artifacts, the serving settings
+    as `model_config`, the signature, an input example, and pins the
+    installed versions of the serving dependencies.
     """
-    import captioning
-    from captioning.model import load_captioner
-
     model_config = load_captioner(str(model_path)).model_config
     artifacts = {CAPTIONER_ARTIFACT: str(model_path)}
     weights = extractor_weights_file(model_config.extractor_weights)
@@ -356,7 +346,7 @@ def captioner_model_kwargs(model_path: str | Path, config: ServingConfig) -> dic
         {IMAGE_COLUMN: [base64.b64encode(example_image_bytes()).decode("ascii")]}
     )
     return {
-        "python_model": CaptionerModel(),
+        "python_model": str(MODEL_CODE),
         "artifacts": artifacts,
         "model_config": dataclasses.asdict(config),
         "signature": captioner_signature(config),
@@ -377,146 +367,3 @@ def log_captioner_model(
     return mlflow.pyfunc.log_model(
         name=name, tags=tags, **captioner_model_kwargs(model_path, config)
     )
-
-
-# ----------------------------------------------------------------------------- the real server
-
-
-class ScoringServer:
-    """`mlflow models serve --env-manager local` on 127.0.0.1, as a context manager.
-
-    Used by the integration test and the load benchmark: starts the real
-    server in its own process group, waits for `/ping`, and stops the whole
-    group on exit. `rss_bytes()` sums the resident memory of its processes.
-    """
-
-    def __init__(
-        self,
-        model_uri: str,
-        port: int | None = None,
-        env: dict[str, str] | None = None,
-        log_path: str | Path | None = None,
-        ready_timeout_s: float = 600.0,
-    ):
-        import os
-        import sys
-
-        self.model_uri = model_uri
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {})}
-        # The server execs `uvicorn` by name: this interpreter's bin/ must come first.
-        bin_dir = str(Path(sys.executable).parent)
-        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
-        self.log_path = Path(log_path) if log_path else None
-        self.ready_timeout_s = ready_timeout_s
-        self.process = None
-
-    def __enter__(self) -> ScoringServer:
-        import shutil
-        import subprocess
-
-        mlflow_cli = shutil.which("mlflow", path=self.env["PATH"]) or "mlflow"
-        command = [
-            mlflow_cli, "models", "serve", "-m", self.model_uri, "--env-manager", "local",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]  # fmt: skip
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        if self.log_path:
-            log.close()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def healthy(self, timeout: float = 5.0) -> bool:
-        import requests
-
-        try:
-            return requests.get(f"{self.url}/ping", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def wait_ready(self) -> None:
-        import time
-
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with {self.process.returncode}; {self.tail()}"
-                )
-            if self.healthy(timeout=2.0):
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"no /ping within {self.ready_timeout_s:.0f} s; {self.tail()}")
-
-    def tail(self, chars: int = 3000) -> str:
-        if not self.log_path or not self.log_path.exists():
-            return "no server log"
-        return "server log tail:\n" + self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        import os
-        import signal
-        import subprocess
-
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # the group this object started
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process and all its descendants."""
-        return process_tree_rss(self.process.pid)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc; 0 when gone)."""
-    return sum(_rss_bytes(p) for p in _descendants(pid))
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
