@@ -42,7 +42,6 @@ from captioning.config import EvaluateParams
 from captioning.data.demo import generate_demo
 from captioning.features import build_extractor, weights_digest
 from captioning.inference import ImageCaptioner
-from captioning.model import ModelConfig, build_captioner
 from captioning.preprocessing import preprocess_image
 from captioning.serving import (
     ServingConfig,
@@ -212,27 +211,21 @@ def test_decoding_settings_merge_over_the_defaults_and_check_ranges():
 # ----------------------------------------------------------------------------- the pyfunc model
 
 
-def tiny_untrained_model(path: Path, image_size: int = 75) -> Path:
-    """An untrained captioner over a small InceptionV3 input (1 location at 75 px): cheap to run."""
-    vocab = Vocabulary.build(["a red circle at the top", "a blue square on the left"], 50)
-    config = ModelConfig(
-        vocab_size=len(vocab),
-        embedding_dim=8,
-        units=8,
-        attention_units=8,
-        encoder_dim=8,
-        num_locations=1,
-        image_size=image_size,
-    )
-    save_model(build_captioner(config, vocab, seed=0), path)
+# Sizes of the served test models: one InceptionV3 location at 75 px keeps them cheap to run.
+SERVED_SIZES = {"embedding_dim": 8, "units": 8, "attention_units": 8, "encoder_dim": 8}
+
+
+def tiny_untrained_model(tiny_captioner, path: Path, image_size: int = 75) -> Path:
+    """An untrained captioner over a small InceptionV3 input (1 location at 75 px), saved."""
+    save_model(tiny_captioner(None, (1, 2048), image_size=image_size, **SERVED_SIZES), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def pyfunc_model(tmp_path_factory):
+def pyfunc_model(tmp_path_factory, tiny_captioner):
     """The pyfunc model saved and loaded the way the server loads it (no tracking store)."""
     root = tmp_path_factory.mktemp("pyfunc")
-    keras_path = tiny_untrained_model(root / "tiny.keras")
+    keras_path = tiny_untrained_model(tiny_captioner, root / "tiny.keras")
     path = root / "model"
     config = ServingConfig(max_batch=3, max_pixels=400 * 400, max_length=24)
     mlflow.pyfunc.save_model(path, **captioner_model_kwargs(keras_path, config))
@@ -371,26 +364,22 @@ def test_an_exif_rotated_photo_is_captioned_upright(pyfunc_model):
 
 
 @pytest.mark.slow  # writes and copies a 90 MB InceptionV3 weights file
-def test_extractor_weights_file_travels_with_the_model(tmp_path):
+def test_extractor_weights_file_travels_with_the_model(tmp_path, tiny_captioner):
     weights = tmp_path / "inception.weights.h5"
     keras.applications.InceptionV3(
         include_top=False, weights=None, input_shape=(75, 75, 3)
     ).save_weights(weights)
     extractor = build_extractor(str(weights), 75)
-    vocab = Vocabulary.build(["a red circle"], 10)
-    config = ModelConfig(
-        vocab_size=len(vocab),
-        embedding_dim=8,
-        units=8,
-        attention_units=8,
-        encoder_dim=8,
-        num_locations=1,
+    model = tiny_captioner(
+        Vocabulary.build(["a red circle"], 10),
+        (1, 2048),
         image_size=75,
         extractor_weights=str(weights),
         extractor_digest=weights_digest(extractor),
+        **SERVED_SIZES,
     )
     keras_path = tmp_path / "tiny.keras"
-    save_model(build_captioner(config, vocab, seed=0), keras_path)
+    save_model(model, keras_path)
     images = [jpeg_bytes(1)]
     captioner = ImageCaptioner(keras_path, extractor=extractor)
     expected = captioner.caption_bytes(images, max_len=ServingConfig().max_length)
@@ -426,8 +415,10 @@ class _Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_logged_model_has_signature_example_pinned_requirements_and_code(tracking_store, tmp_path):
-    keras_path = tiny_untrained_model(tmp_path / "tiny.keras")
+def test_logged_model_has_signature_example_pinned_requirements_and_code(
+    tracking_store, tmp_path, tiny_captioner
+):
+    keras_path = tiny_untrained_model(tiny_captioner, tmp_path / "tiny.keras")
     mlflow_logger, messages = logging.getLogger("mlflow"), _Messages()
     mlflow_logger.addHandler(messages)
     try:
@@ -462,7 +453,9 @@ def test_logged_model_has_signature_example_pinned_requirements_and_code(trackin
 # ----------------------------------------------------------------------------- the real server
 
 
-def train_tiny_captioner(root: Path, seed: int = 0, epochs: int = 40) -> tuple[Path, list[Path]]:
+def train_tiny_captioner(
+    tiny_captioner, root: Path, seed: int = 0, epochs: int = 40
+) -> tuple[Path, list[Path]]:
     """A tiny captioner trained on 16 demo images (299 px, 64 locations); returns it and 4 val images."""
     demo = root / "demo"
     generate_demo(demo, 16, 4, seed=3)
@@ -476,15 +469,16 @@ def train_tiny_captioner(root: Path, seed: int = 0, epochs: int = 40) -> tuple[P
     pixels = np.stack([preprocess_image(files[i].read_bytes(), 299).numpy() for i in ids])
     features = extractor.predict(pixels, batch_size=8, verbose=0)  # (16, 64, 2048)
     vocab = Vocabulary.build([c for i in ids for c in captions[i]], 200)
-    config = ModelConfig(
-        vocab_size=len(vocab),
+    model = tiny_captioner(
+        vocab,
+        features.shape[1:],
+        seed=seed,
         embedding_dim=16,
         units=32,
         attention_units=16,
         encoder_dim=16,
         extractor_digest=weights_digest(extractor),
     )
-    model = build_captioner(config, vocab, seed=seed)
     flat = features.reshape(-1, features.shape[-1])
     model.encoder.set_feature_stats(flat.mean(0), flat.std(0))
     tokens = np.concatenate([vocab.encode_batch(captions[i], 20) for i in ids])
@@ -564,8 +558,8 @@ class Project:
 
 
 @pytest.mark.slow
-def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path):
-    model_path, images = train_tiny_captioner(tmp_path)
+def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path, tiny_captioner):
+    model_path, images = train_tiny_captioner(tiny_captioner, tmp_path)
     project = Project(tmp_path / "project", images, max_batch=4)
     registered, stdout = project.register(model_path, cider=0.8)
     assert (registered["version"], registered["alias"]) == ("1", "champion"), stdout
@@ -654,7 +648,7 @@ def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path):
             e["caption"] for e in expected
         ]
 
-        worse_path, _ = train_tiny_captioner(tmp_path, seed=1, epochs=0)
+        worse_path, _ = train_tiny_captioner(tiny_captioner, tmp_path, seed=1, epochs=0)
         worse, stdout = project.register(worse_path, cider=0.3)
         assert (worse["version"], worse["alias"]) == ("2", "challenger")
         assert "does not beat" in stdout and "0.8000" in stdout

@@ -16,7 +16,7 @@ from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from captioning.images import ImageReadError as ImageError
+    from captioning.images import ImageReadError
     from captioning.inference import ImageCaptioner
 
     captioner = ImageCaptioner(args.model)
@@ -29,7 +29,7 @@ def _caption(args: argparse.Namespace) -> int:
             max_len=args.max_len,
             batch_size=args.batch_size,
         )
-    except ImageError as err:
+    except ImageReadError as err:
         print(f"captioning caption: {err}", file=sys.stderr)
         return 2
     for path, caption, score in zip(args.images, result.captions, result.scores, strict=True):

@@ -23,8 +23,6 @@ from captioning.config import DecoderMethod, EvaluateParams
 from captioning.model import Captioner
 from captioning.text import END_ID, PAD_ID, START_ID
 
-Method = DecoderMethod  # the names evaluate.decoder accepts
-
 
 @dataclasses.dataclass
 class DecodeResult:
@@ -54,7 +52,7 @@ class CaptionDecoder:
     def decode(
         self,
         features: np.ndarray | Sequence,
-        method: Method = EvaluateParams.decoder,
+        method: DecoderMethod = EvaluateParams.decoder,
         max_len: int = EvaluateParams.max_len,
         beam_size: int = EvaluateParams.beam_size,
         temperature: float = EvaluateParams.temperature,
@@ -67,7 +65,7 @@ class CaptionDecoder:
         `length_penalty` 0 ranks beams by their raw log-probability, the search
         without a length model; the evaluate stage passes its own setting.
         """
-        if method not in typing.get_args(Method):
+        if method not in typing.get_args(DecoderMethod):
             raise ValueError(f"unknown decoder {method!r}; use greedy, sample or beam")
         if max_len < 1:
             raise ValueError("max_len must be at least 1")

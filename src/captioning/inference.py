@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from captioning.decode import CaptionDecoder, DecodeResult, Method
+from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
+from captioning.decode import CaptionDecoder, DecodeResult
 from captioning.features import build_extractor, weights_digest
 from captioning.images import DEFAULT_MAX_PIXELS, ImageReadError
 from captioning.model import Captioner, load_captioner
@@ -61,22 +62,27 @@ class ImageCaptioner:
             out[i] = preprocess_image(data, self.image_size, self.max_pixels, name).numpy()
         return out
 
-    def features(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def features(
+        self, pixels: np.ndarray, batch_size: int = FeaturesParams.batch_size
+    ) -> np.ndarray:
         """(N, S, S, 3) -> (N, L, 2048) float32."""
         parts = [
             self._forward(tf.convert_to_tensor(pixels[i : i + batch_size])).numpy()
             for i in range(0, len(pixels), batch_size)
         ]
-        return np.concatenate(parts) if parts else np.zeros((0, 64, 2048), np.float32)
+        if not parts:
+            config = self.model.model_config
+            return np.zeros((0, config.num_locations, config.feature_dim), np.float32)
+        return np.concatenate(parts)
 
     def caption_bytes(
         self,
         images: Sequence[bytes],
         names: Sequence[str] | None = None,
-        method: Method = "greedy",
-        max_len: int = 24,
-        beam_size: int = 3,
-        batch_size: int = 32,
+        method: DecoderMethod = EvaluateParams.decoder,
+        max_len: int = EvaluateParams.max_len,
+        beam_size: int = EvaluateParams.beam_size,
+        batch_size: int = FeaturesParams.batch_size,
         **kwargs,
     ) -> DecodeResult:
         """Captions for encoded images (bytes of any format Pillow reads)."""
