@@ -1,24 +1,41 @@
-"""Stage `features`: InceptionV3 feature maps of every image into float16 shards."""
+"""Stage `features`: InceptionV3 feature maps of every image into float16 shards.
+
+`--part K/N` extracts only part K of N of the store (every N-th shard), for
+running parts on several hosts; the stage itself, run whole (`dvc repro
+features`), keeps the parts' shards and merges them (docs/scaling.md).
+"""
 
 import argparse
-import json
-from pathlib import Path
 
 import pandas as pd
 
-from captioning.atomic_files import atomic_write
 from captioning.config import load_section
-from captioning.features import build_extractor, extract_features, weights_digest
+from captioning.features import build_extractor, extract_features, write_extractor_spec
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(n) for n in text.split("/"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 0/4; got {text!r}") from err
+    if parts < 1 or not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N; got {text!r}")
+    return part, parts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help="captions parquet from `validate`")
     parser.add_argument("--out", required=True, help="feature store folder")
+    parser.add_argument(
+        "--part", type=_part, default=(0, 1), metavar="K/N",
+        help="extract only part K of N (0-based) and no index; a run without --part merges",
+    )  # fmt: skip
     args = parser.parse_args()
     params = load_section("features")
     # The table's images passed `validate` under this bound; extraction must accept them too.
     max_pixels = load_section("validate").max_pixels
+    part, parts = args.part
 
     images = pd.read_parquet(args.table, columns=["image_id", "path", "split"]).drop_duplicates(
         "image_id"
@@ -32,15 +49,16 @@ def main() -> None:
         shard_size=params.shard_size,
         image_size=params.image_size,
         max_pixels=max_pixels,
+        part=part,
+        parts=parts,
     )
-    # What the model must rebuild at inference time (see ModelConfig.extractor_*).
-    spec = {
-        "image_size": params.image_size,
-        "extractor_weights": params.weights,
-        "extractor_seed": params.seed,
-        "extractor_digest": weights_digest(extractor),
-    }
-    atomic_write(Path(args.out) / "extractor.json", json.dumps(spec, indent=2) + "\n")
+    if parts > 1:
+        print(
+            f"features part {part}/{parts}: {len(index)} images in {index['shard'].nunique()} "
+            "shards; once every part is done, run the stage whole to merge them"
+        )
+        return
+    write_extractor_spec(args.out, extractor, params.weights, params.image_size, params.seed)
     print(f"features: {len(index)} images in {index['shard'].nunique()} shards")
 
 

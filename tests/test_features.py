@@ -26,6 +26,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import captioning.features.extraction as extraction_module
 import captioning.features.extractor as extractor_module
 from captioning.atomic_files import temporary_sibling
 from captioning.features import (
@@ -36,6 +37,7 @@ from captioning.features import (
     extract_features,
     read_shard,
     weights_digest,
+    write_extractor_spec,
     write_shard,
 )
 from captioning.features import shards as shard_module
@@ -329,6 +331,84 @@ def test_duplicate_rows_are_merged_but_conflicts_fail(tmp_path, images, small_ex
     clash = images.assign(split=["train"] * len(images))
     with pytest.raises(ValueError, match="more than one path or split"):
         _extract(pd.concat([images, clash]), tmp_path / "b", small_extractor)
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def _finish(images, out, extractor, **kwargs):
+    """A whole-store run and extractor.json, as the features stage writes them."""
+    index = _extract(images, out, extractor, **kwargs)
+    write_extractor_spec(out, extractor, "none", SMALL, 0)
+    return index
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the merge ran the model: it should have kept every part's shards")
+
+
+def test_a_store_extracted_in_two_parts_equals_one_in_one_go(
+    tmp_path, images, small_extractor, monkeypatch
+):
+    """Two hosts each extract a part into their own folder; one folder gets both and merges."""
+    _finish(images, tmp_path / "whole", small_extractor)
+    first, second = tmp_path / "host0", tmp_path / "host1"
+    index0 = _extract(images, first, small_extractor, part=0, parts=2)
+    index1 = _extract(images, second, small_extractor, part=1, parts=2)
+    # Every other shard each, records of their own, no index: the store is not finished.
+    assert sorted(p.name for p in first.iterdir()) == [
+        "manifest.part-0-of-2.json",
+        "train-00000.shard",
+        "val-00000.shard",
+    ]
+    assert sorted(p.name for p in second.iterdir()) == [
+        "manifest.part-1-of-2.json",
+        "train-00001.shard",
+    ]
+    assert sorted(index0["image_id"].tolist() + index1["image_id"].tolist()) == [
+        2,
+        3,
+        5,
+        9,
+        11,
+        17,
+        40,
+    ]
+
+    finished = _files(first)
+    _extract(images, first, small_extractor, part=0, parts=2)  # a part run again resumes
+    assert _files(first) == finished
+
+    for path in second.iterdir():  # what rsync or a shared folder does between hosts
+        (first / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(extraction_module, "_shard_features", _no_model)
+    _finish(images, first, small_extractor)
+    assert _files(first) == _files(tmp_path / "whole")  # shards, index, manifest, extractor.json
+
+
+def test_a_merge_writes_what_no_part_finished(tmp_path, images, small_extractor):
+    """Part 1 never ran and part 0's record withdraws a shard the old manifest vouched for."""
+    out = tmp_path / "f"
+    _finish(images, out, small_extractor)
+    reference = _files(out)
+    # Part 0 was killed while rewriting val-00000 (its record says so with null), after
+    # the file had changed to a whole shard of the same shape: the old manifest vouches
+    # for the name, and only the part's record can tell that the content is not it.
+    (out / "val-00000.shard").write_bytes((out / "train-00001.shard").read_bytes())
+    (out / "train-00001.shard").unlink()  # part 1's only shard, never written
+    manifest = json.loads((out / "manifest.json").read_text())["shards"]
+    record = {"format": 3, "part": 0, "parts": 2, "shards": {
+        "train-00000.shard": manifest["train-00000.shard"], "val-00000.shard": None}}  # fmt: skip
+    (out / "manifest.part-0-of-2.json").write_text(json.dumps(record))
+
+    _finish(images, out, small_extractor)
+    assert _files(out) == reference
+
+
+def test_part_numbers_are_checked(tmp_path, images, small_extractor):
+    for part, parts in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="part must be in"):
+            _extract(images, tmp_path, small_extractor, part=part, parts=parts)
 
 
 def _features_of(extractor: keras.Model, pixels: list[np.ndarray]) -> np.ndarray:

@@ -9,7 +9,7 @@ sparse float16 file format underneath. Images are decoded and preprocessed by
 public API; the rest of the code imports them from `captioning.features`.
 """
 
-from captioning.features.extraction import extract_features
+from captioning.features.extraction import extract_features, write_extractor_spec
 from captioning.features.extractor import (
     WeightsUnavailableError,
     build_extractor,
@@ -30,5 +30,6 @@ __all__ = [
     "imagenet_weights_path",
     "read_shard",
     "weights_digest",
+    "write_extractor_spec",
     "write_shard",
 ]

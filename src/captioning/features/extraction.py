@@ -3,17 +3,22 @@
 `extract_features` cuts each split into shards of `shard_size` images, gives
 each shard a key naming exactly what it will hold (the image bytes, the
 extractor's weights, the input size, the batch size, the store format), and
-records finished shards with their keys in `manifest.json`. A killed run
-resumes: shards whose key and file are whole are kept, the rest are written
-again, and the result is byte-identical to an uninterrupted run because
-batches are cut at shard boundaries. `index.parquet` is written last, so its
-presence means the store is finished. Images are read through
+records finished shards with their keys (`captioning.features.manifest`). A
+killed run resumes: shards whose key and file are whole are kept, the rest are
+written again, and the result is byte-identical to an uninterrupted run
+because batches are cut at shard boundaries. For the same reason a store can
+be extracted in parts (`part` K of `parts` N: every N-th shard), run
+independently on several hosts; a whole-store run afterwards keeps every
+part's shards and merges them, byte-identical to a store extracted in one go.
+`index.parquet` is written last, by the whole-store run only, so its presence
+means the store is finished. Images are read through
 `captioning.preprocessing.load_image`, the same decoding and preprocessing
 that serving uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +34,13 @@ from tqdm.auto import tqdm
 
 from captioning.atomic_files import atomic_path, atomic_write, is_temporary
 from captioning.features.extractor import weights_digest
+from captioning.features.manifest import (
+    STORE_FORMAT,
+    recorded_keys,
+    remove_part_manifests,
+    write_manifest,
+    write_part_manifest,
+)
 from captioning.features.shards import (
     FEATURE_DTYPE,
     SHARD_SUFFIX,
@@ -41,12 +53,9 @@ from captioning.preprocessing import load_image
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
+EXTRACTOR_SPEC_FILE = "extractor.json"
 # `.npy` shards (the older store format) match too, so extraction removes them.
 _SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<number>\d{5})\.(shard|npy)$")
-# Part of every shard key: bump it when the shard layout, the key or the way
-# pixels are read changes, so that shards written the other way are redone.
-_FORMAT = 3
 _TF_NODE_TAG = re.compile(r"\{\{[^}]*\}\}")  # TF's {{function_node ...}} markers in op errors
 
 
@@ -77,77 +86,88 @@ def _file_digest(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _plan_shards(table: pd.DataFrame, shard_size: int, model_key: dict) -> list[dict]:
-    """Cut each split into shards and give each a key naming exactly what it will hold.
-
-    The key hashes the image bytes (not paths, sizes or times): regenerated
-    images with the same names and sizes must not reuse old shards, while a
-    moved data root or a fresh checkout of the same files should. Reading every
-    image once more costs little next to running InceptionV3 on it.
-    """
+def _plan_shards(table: pd.DataFrame, shard_size: int) -> list[dict]:
+    """Cut each split into shards: name, split, image ids and paths of each, in store order."""
     shards = []
     for split, rows in table.groupby("split", sort=True):
         for number, start in enumerate(range(0, len(rows), shard_size)):
             part = rows.iloc[start : start + shard_size]
-            images = [
-                [int(i), _file_digest(p)]
-                for i, p in zip(part["image_id"], part["path"], strict=True)
-            ]
-            content = dict(model_key, format=_FORMAT, split=split, images=images)
-            key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
             shards.append(
                 {
                     "name": _shard_name(split, number),
                     "split": split,
                     "image_ids": part["image_id"].to_numpy(),
                     "paths": part["path"].tolist(),
-                    "key": key,
                 }
             )
     return shards
 
 
-# ----------------------------------------------------------------------------- manifest
+def _add_keys(shards: list[dict], model_key: dict) -> None:
+    """Give each shard a key naming exactly what it will hold.
+
+    The key hashes the image bytes (not paths, sizes or times): regenerated
+    images with the same names and sizes must not reuse old shards, while a
+    moved data root or a fresh checkout of the same files should. Reading every
+    image once more costs little next to running InceptionV3 on it; a part
+    reads only its own shards' images.
+    """
+    for shard in shards:
+        images = [
+            [int(i), _file_digest(p)]
+            for i, p in zip(shard["image_ids"], shard["paths"], strict=True)
+        ]
+        content = dict(model_key, format=STORE_FORMAT, split=shard["split"], images=images)
+        shard["key"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _read_manifest(out: Path) -> dict[str, str]:
-    try:
-        return dict(json.loads((out / MANIFEST_FILE).read_text())["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+# ----------------------------------------------------------------------------- what to keep
 
 
-def _write_manifest(out: Path, keys: dict[str, str]) -> None:
-    text = json.dumps({"format": _FORMAT, "shards": dict(sorted(keys.items()))}, indent=1)
-    atomic_write(out / MANIFEST_FILE, text + "\n")
+def _remove_leftovers(out: Path, wanted: set[str], temporary: bool) -> None:
+    """Delete the old index, shards no run of this plan writes, and (`temporary`) temp files.
 
-
-def _remove_leftovers(out: Path, wanted: set[str]) -> None:
-    """Delete the old index, shards this run does not plan, and temp files of killed writes."""
+    A part leaves temp files alone: they may be another part's writes in flight.
+    """
     (out / INDEX_FILE).unlink(missing_ok=True)  # its presence must keep meaning "finished"
     for path in out.iterdir():
         stale_shard = _SHARD_RE.match(path.name) and path.name not in wanted
-        if path.is_file() and (stale_shard or is_temporary(path)):
+        if path.is_file() and (stale_shard or (temporary and is_temporary(path))):
             log.info("removing stale %s", path)
-            path.unlink()
+            path.unlink(missing_ok=True)  # parts on other hosts may remove it too
 
 
-def _keep_finished_shards(out: Path, shards: list[dict], shape: tuple[int, int]) -> dict[str, str]:
-    """Delete what does not belong to this run; return {name: key} of shards to keep.
-
-    A shard is kept only if the manifest gives it this run's key and the file
-    is whole; the manifest is rewritten to exactly those before anything new
-    is written, so it never vouches for a shard that is about to change.
-    """
-    _remove_leftovers(out, {shard["name"] for shard in shards})
-    recorded = _read_manifest(out)
-    done = {
+def _finished(out: Path, shards: list[dict], shape: tuple[int, int]) -> dict[str, str]:
+    """{name: key} of the given shards that the records vouch for and whose files are whole."""
+    recorded = recorded_keys(out)
+    return {
         shard["name"]: shard["key"]
         for shard in shards
         if recorded.get(shard["name"]) == shard["key"]
         and is_complete_shard(out / shard["name"], (len(shard["paths"]), *shape))
     }
-    _write_manifest(out, done)
+
+
+def _keep_finished_shards(out: Path, shards: list[dict], shape: tuple[int, int]) -> dict[str, str]:
+    """Whole-store run: clear what does not belong, merge the parts' records; {name: key} kept.
+
+    The manifest is rewritten to exactly the kept shards before anything new
+    is written, so it never vouches for a shard that is about to change.
+    """
+    _remove_leftovers(out, {shard["name"] for shard in shards}, temporary=True)
+    done = _finished(out, shards, shape)
+    write_manifest(out, done)
+    remove_part_manifests(out)
+    return done
+
+
+def _keep_finished_part(
+    out: Path, shards: list[dict], mine: list[dict], shape: tuple[int, int], part: int, parts: int
+) -> dict[str, str]:
+    """Part run: like `_keep_finished_shards`, but it records only its own shards, in its own file."""
+    _remove_leftovers(out, {shard["name"] for shard in shards}, temporary=False)
+    done = _finished(out, mine, shape)
+    write_part_manifest(out, part, parts, {s["name"]: done.get(s["name"]) for s in mine})
     return done
 
 
@@ -259,6 +279,45 @@ def _model_key(extractor: keras.Model, image_size: int, batch_size: int) -> dict
     }
 
 
+def _part_shards(shards: list[dict], part: int, parts: int) -> list[dict]:
+    """Part K of N writes every N-th shard from the K-th: splits and short last shards spread evenly."""
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"part must be in 0..{parts - 1} of parts={parts}, got {part}")
+    return shards[part::parts]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelRun:
+    """How the pending shards go through the model."""
+
+    extractor: keras.Model
+    image_size: int
+    batch_size: int
+    shape: tuple[int, int]  # (L, C) per image
+    max_pixels: int
+    progress: bool
+
+
+def _write_shards(
+    out: Path, pending: list[dict], total: int, done: dict[str, str], record, run: _ModelRun
+) -> None:
+    """Run the model over the pending shards, writing each and then `record(done)`."""
+    forward = _forward(run.extractor, run.image_size)
+    left = sum(len(s["paths"]) for s in pending)
+    batches = iter(
+        _batches(pending, run.image_size, run.batch_size, run.max_pixels) if pending else ()
+    )
+    bar = tqdm(
+        total=total, initial=total - left, unit="img", desc="features", disable=not run.progress
+    )
+    with bar:
+        for shard in pending:
+            features = _shard_features(shard, batches, forward, run.shape, run.batch_size, bar)
+            write_shard(out / shard["name"], features)
+            done[shard["name"]] = shard["key"]
+            record(done)
+
+
 def extract_features(
     images: pd.DataFrame,
     out_dir: str | Path,
@@ -268,6 +327,8 @@ def extract_features(
     image_size: int = 299,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    part: int = 0,
+    parts: int = 1,
 ) -> pd.DataFrame:
     """Write the feature store for `images` (columns image_id, path, split) and return its index.
 
@@ -275,8 +336,12 @@ def extract_features(
     killed run resumes; the result is byte-identical to an uninterrupted run.
     Stale shards, temp files and the old index are removed first; the index
     (image_id, split, shard, row) is written last, so its presence means done.
-    An image that cannot be read (`captioning.images`, at most `max_pixels`
-    pixels) raises ValueError naming its shard.
+    With `parts` N > 1 only part `part` K is extracted (every N-th shard from
+    the K-th), recorded in its own manifest and without an index: the index
+    rows of its shards are returned. A whole-store run (`parts=1`) afterwards
+    keeps the parts' shards and writes only what is missing, the manifest and
+    the index. An image that cannot be read (`captioning.images`, at most
+    `max_pixels` pixels) raises ValueError naming its shard.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
@@ -284,31 +349,41 @@ def extract_features(
     shape = tuple(extractor.output_shape[1:])  # (L, C)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = _unique_images(images)
-    shards = _plan_shards(table, shard_size, model_key)
+    shards = _plan_shards(_unique_images(images), shard_size)
+    mine = _part_shards(shards, part, parts)
+    _add_keys(mine, model_key)
 
-    done = _keep_finished_shards(out, shards, shape)
-    pending = [shard for shard in shards if shard["name"] not in done]
+    if parts == 1:
+        done = _keep_finished_shards(out, shards, shape)
+
+        def record(done: dict[str, str]) -> None:
+            write_manifest(out, done)
+    else:
+        done = _keep_finished_part(out, shards, mine, shape, part, parts)
+
+        def record(done: dict[str, str]) -> None:
+            write_part_manifest(out, part, parts, {s["name"]: done.get(s["name"]) for s in mine})
+
+    pending = [shard for shard in mine if shard["name"] not in done]
     log.info("features: %d shards kept, %d to write", len(done), len(pending))
+    run = _ModelRun(extractor, image_size, batch_size, shape, max_pixels, progress)
+    _write_shards(out, pending, sum(len(s["paths"]) for s in mine), done, record, run)
 
-    forward = _forward(extractor, image_size)
-    left = sum(len(s["paths"]) for s in pending)
-    batches = iter(_batches(pending, image_size, batch_size, max_pixels)) if pending else iter(())
-    bar = tqdm(
-        total=len(table),
-        initial=len(table) - left,
-        unit="img",
-        desc="features",
-        disable=not progress,
-    )
-    with bar:
-        for shard in pending:
-            features = _shard_features(shard, batches, forward, shape, batch_size, bar)
-            write_shard(out / shard["name"], features)
-            done[shard["name"]] = shard["key"]
-            _write_manifest(out, done)
-
-    index = _index_table(shards)
-    with atomic_path(out / INDEX_FILE, ".parquet") as tmp:
-        index.to_parquet(tmp, index=False)
+    index = _index_table(mine)
+    if parts == 1:
+        with atomic_path(out / INDEX_FILE, ".parquet") as tmp:
+            index.to_parquet(tmp, index=False)
     return index
+
+
+def write_extractor_spec(
+    out_dir: str | Path, extractor: keras.Model, weights: str, image_size: int, seed: int
+) -> None:
+    """`extractor.json`: what the model must rebuild at inference time (ModelConfig.extractor_*)."""
+    spec = {
+        "image_size": image_size,
+        "extractor_weights": weights,
+        "extractor_seed": seed,
+        "extractor_digest": weights_digest(extractor),
+    }
+    atomic_write(Path(out_dir) / EXTRACTOR_SPEC_FILE, json.dumps(spec, indent=2) + "\n")
