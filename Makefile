@@ -42,11 +42,15 @@ lint: install ## ruff check and format check
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
 
-bench: install ## print the speed and memory benchmarks (see README)
+bench: install ## print the speed and memory benchmarks (docs/benchmarks.md)
 	$(BIN)/python -m benchmarks.run
 
 bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
 	$(BIN)/python -m benchmarks.run --only decoders --out reports/bench_decoders.json
+
+.PHONY: bench-gpu
+bench-gpu: install ## on a GPU: extraction img/s, training pairs/s by precision, decoding, share of peak (docs/scaling.md)
+	$(BIN)/python -m benchmarks.gpu --out reports/bench_gpu.json
 
 # A small grid on the demo data, one DVC experiment per point, run one at a time.
 SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
@@ -63,7 +67,7 @@ serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
 	$(BIN)/python -m benchmarks.serve_load
 
-# --- CI: .github/workflows/ci.yml runs these same targets (the README, "Pull requests and quality gates") ---
+# --- CI: .github/workflows/ci.yml runs these same targets (docs/ci.md) ---
 CI_DIR := build/ci
 # The CI-sized demo run, as `dvc exp run -S` overrides: a few minutes on a CI runner.
 CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.captions_per_image=5 train.epochs=8 report.num_images=3
@@ -91,3 +95,41 @@ record-base: ## copy this run's metrics and curves to build/ci/base (CI caches t
 
 clean: ## remove pipeline outputs (keeps data/raw downloads)
 	rm -rf data/interim data/features data/tokens models
+
+# --- A team (docs/team.md): the MLflow team server, and CI with a DVC remote ---
+TEAM_DIR ?= build/team
+TEAM_HOST ?= 127.0.0.1
+TEAM_PORT ?= 5000
+.PHONY: team-server team-server-upgrade ci-remote pull-outputs push-outputs
+team-server: install ## run the MLflow team server (PostgreSQL, logins, proxied artifacts) until Ctrl-C; needs MLFLOW_AUTH_ADMIN_PASSWORD
+	$(BIN)/python -m captioning.team_server --dir $(TEAM_DIR) --host $(TEAM_HOST) --port $(TEAM_PORT)
+
+team-server-upgrade: install ## `mlflow db upgrade` the team server's tracking database (after an MLflow upgrade)
+	$(BIN)/python -m captioning.team_server --dir $(TEAM_DIR) --upgrade
+
+# CI's remote comes from the environment (the repository's secrets): DVC_REMOTE_URL, and for
+# ssh:// DVC_SSH_KEY (a private key) and DVC_SSH_KNOWN_HOSTS (the server's known_hosts line).
+# It goes to .dvc/config.local and ~/.ssh, never into a tracked file.
+DVC_REMOTE_URL ?=
+ci-remote: init ## CI: make DVC_REMOTE_URL the default DVC remote (does nothing when it is unset)
+	@if [ -n "$$DVC_REMOTE_URL" ]; then \
+	  $(BIN)/dvc remote add --local --force --default ci "$$DVC_REMOTE_URL" && \
+	  if [ -n "$$DVC_SSH_KEY" ]; then \
+	    mkdir -p ~/.ssh && (umask 077 && printf '%s\n' "$$DVC_SSH_KEY" > ~/.ssh/dvc_remote_key) && \
+	    $(BIN)/dvc remote modify --local ci keyfile ~/.ssh/dvc_remote_key; fi && \
+	  if [ -n "$$DVC_SSH_KNOWN_HOSTS" ]; then \
+	    mkdir -p ~/.ssh && printf '%s\n' "$$DVC_SSH_KNOWN_HOSTS" >> ~/.ssh/known_hosts; fi; \
+	fi
+
+pull-outputs: ci-remote ## pull what dvc.lock names (and the run-cache) from the remote; missing ones are recomputed
+	$(BIN)/dvc pull --run-cache --allow-missing
+
+push-outputs: ci-remote ## push the workspace's outputs and the run-cache to the remote
+	$(BIN)/dvc push --run-cache
+
+ifneq ($(strip $(DVC_REMOTE_URL)),)
+# With a remote, CI starts from the outputs dvc.lock names, pulled, at full size: only the
+# stages a pull request changed run again (the CI-sized overrides would change them all).
+  CI_PARAMS :=
+  repro-ci: pull-outputs
+endif

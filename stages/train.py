@@ -28,35 +28,42 @@ def main() -> None:
     parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
     parser.add_argument("--run", required=True, help="output JSON naming the MLflow run")
     args = parser.parse_args()
-    params = load_section("train")
-    repo = Path.cwd()
 
-    tokens = Path(args.tokens)
+    uri = tracking.configure(Path.cwd())
+    with tracking.server_errors(uri):
+        run, summary = train_in_run(args)
+    shutil.copyfile(Path(args.checkpoints) / "mlflow_run.json", args.run)
+    print(f"train: {summary} (MLflow run {run.info.run_id}, {run.info.run_name!r})")
+
+
+def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict]:
+    """Fit inside an MLflow run: a killed run is continued, a finished one never reopened."""
+    repo = Path.cwd()
+    tokens, checkpoints = Path(args.tokens), Path(args.checkpoints)
     store = FeatureStore(args.features)
     vocabulary = Vocabulary.from_json((tokens / "vocab.json").read_text())
     train, val = CaptionSet.load(tokens, "train"), CaptionSet.load(tokens, "val")
     val_references = references_by_image(pd.read_parquet(args.table), "val")
 
-    tracking.configure(repo)
-    checkpoints = Path(args.checkpoints)
-    # A killed run is continued in the same MLflow run; a finished one is never reopened.
-    all_params = tracking.flatten(read_params())
-    key = settings_fingerprint(all_params)
+    all_params = read_params()
+    key = settings_fingerprint(tracking.flatten(all_params))
     previous = tracking.resume_run(checkpoints / "mlflow_run.json", unfinished_only=True, key=key)
-    with mlflow.start_run(run_id=previous) as run:
+    name = None if previous else tracking.run_name(repo, all_params)
+    with mlflow.start_run(run_id=previous, run_name=name) as run:
         tracking.save_run_ref(checkpoints / "mlflow_run.json", run, key)
-        mlflow.log_params(all_params)
+        mlflow.log_params(tracking.flatten(all_params))
         hashes = tracking.dvc_output_hashes(
-            repo / "dvc.lock", ["data/interim/captions.parquet", "data/features", "data/tokens"]
+            repo / "dvc.lock", [args.table, args.features, args.tokens]
         )
         mlflow.set_tags(tracking.run_tags(repo, hashes))
+        tracking.log_training_data(args.table, source=args.table)
         extractor = json.loads((Path(args.features) / "extractor.json").read_text())
         model, summary = fit_captioner(
             store,
             vocabulary,
             train,
             val,
-            params,
+            load_section("train"),
             extractor,
             checkpoints,
             args.history,
@@ -68,8 +75,7 @@ def main() -> None:
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_artifact(str(tokens / "vocab.json"))
         mlflow.log_artifact(args.history)
-    shutil.copyfile(checkpoints / "mlflow_run.json", args.run)
-    print(f"train: {summary} (MLflow run {run.info.run_id})")
+    return run, summary
 
 
 if __name__ == "__main__":

@@ -7,21 +7,34 @@ and tags for the git commit, the DVC experiment name and the data hash, so runs
 line up column by column in the MLflow UI. The library never assumes a
 tracking server: the stage passes the repository root, and a sqlite file
 `mlflow.db` there is the default store (`MLFLOW_TRACKING_URI` overrides it).
+Against a team server (docs/team.md) the login comes from
+`MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, which MLflow reads
+itself: nothing here records them, and a URI with a password inside is refused.
+Runs get a readable name (the DVC experiment, else the commit and the params
+that differ from it) and the caption table as their training dataset input.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import keras
 import mlflow
 import yaml
 
 DEFAULT_EXPERIMENT = "image-captioning"
+# The experiment tag MLflow's UI reads to choose its view: training runs, not the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MAX_RUN_NAME = 120  # characters; the UI's run table cuts longer names anyway
 
 
 def project_root(repo_root: str | Path) -> Path:
@@ -47,13 +60,46 @@ def tracking_uri(repo_root: str | Path) -> str:
     return f"sqlite:///{project_root(repo_root) / 'mlflow.db'}"
 
 
+def check_no_secret(uri: str) -> None:
+    """Refuse a tracking URI with a password in it: MLflow would record and print it."""
+    if urlsplit(uri).password:
+        raise ValueError(
+            "MLFLOW_TRACKING_URI holds a password: give the bare URL and set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+        )
+
+
 def configure(repo_root: str | Path) -> str:
     """Point MLflow at the store and experiment; returns the tracking URI."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri(repo_root)
+    check_no_secret(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    with server_errors(uri):
+        experiment = mlflow.set_experiment(
+            os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        )
+        # Only when missing: on a shared server a teammate may read but not edit the experiment.
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
     return uri
+
+
+@contextlib.contextmanager
+def server_errors(uri: str) -> Iterator[None]:
+    """Name the tracking server in any failure talking to it (down, killed, refused the login)."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        yield
+        return
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, requests.RequestException) as error:
+        raise RuntimeError(f"MLflow tracking server {uri} failed: {error}") from error
 
 
 def git_commit(repo_root: str | Path) -> str:
@@ -86,6 +132,63 @@ def dvc_output_hashes(lock_file: str | Path, paths: list[str]) -> dict[str, str]
             if out.get("path") in paths and "md5" in out:
                 found[out["path"]] = out["md5"]
     return found
+
+
+def changed_params(repo_root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Flattened params that differ from HEAD's params.yaml ({} outside git or when equal)."""
+    try:
+        committed_text = subprocess.run(
+            ["git", "show", "HEAD:params.yaml"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    committed = flatten(yaml.safe_load(committed_text) or {})
+    current = flatten(params)
+    return {k: v for k, v in current.items() if committed.get(k, object()) != v}
+
+
+def run_name(repo_root: str | Path, params: dict[str, Any]) -> str:
+    """A name to find the run by: the DVC experiment's, else `<commit> key=value ...`."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return experiment
+    commit = git_commit(repo_root)
+    short = (
+        "nogit"
+        if commit == "unknown"
+        else commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    )
+    changes = " ".join(f"{k}={v}" for k, v in sorted(changed_params(repo_root, params).items()))
+    name = f"{short} {changes}".strip()
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 3] + "..."
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes: the hash `dvc.lock` records for a file output."""
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_training_data(table_path: str | Path, source: str) -> None:
+    """The caption table as the run's training dataset input (name, digest, source).
+
+    `source` is the path as dvc.yaml names it, the same in every clone; the
+    digest is the file's md5, the key of the table in the DVC cache and remote.
+    """
+    import pandas as pd
+
+    table = pd.read_parquet(table_path)
+    dataset = mlflow.data.from_pandas(
+        table, source=source, name=Path(source).stem, digest=file_md5(table_path)
+    )
+    mlflow.log_input(dataset, context="training")
 
 
 def run_tags(repo_root: str | Path, data_hashes: dict[str, str]) -> dict[str, str]:
@@ -123,10 +226,16 @@ def resume_run(
     if key is not None and ref.get("key") != key:
         return None
     run_id = ref.get("run_id")
+    from mlflow.exceptions import MlflowException
+
     try:
         run = mlflow.get_run(run_id)
-    except Exception:  # noqa: BLE001 - a run from another store is simply not resumable
-        return None
+    except MlflowException as error:
+        # A run from another store is simply not resumable; a server that is down or
+        # refuses the login is an error, not a reason to start a fresh run.
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
     if unfinished_only and run.info.status == "FINISHED":
         return None
     return run_id
