@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from benchmarks.flops import add_utilisation, captioner_flops
 from benchmarks.results import Result, seconds
 from benchmarks.workspace import (
     CAPTION_TABLE,
@@ -139,6 +140,28 @@ def _eager_rate(model: Captioner, features: np.ndarray, count: int) -> float:
     return count / eager_s
 
 
+def _word_matmul_flops(model: Captioner) -> int:
+    """FLOPs of `word_matmuls`' per-row, per-word work: fc1, fc2, W2 and the GRU's two kernels."""
+    d = model.decoder
+    kernels = (d.fc1.kernel, d.fc2.kernel, d.attention.W2.kernel, d.gru.kernel)
+    return 2 * (
+        sum(int(np.prod(k.shape)) for k in kernels) + int(np.prod(d.gru.recurrent_kernel.shape))
+    )
+
+
+def _add_decode_utilisation(
+    result: Result, ws: Workspace, model: Captioner, rate: dict, matmul_rate: dict
+) -> None:
+    """FLOPs per caption and share of the peak, batched; and the GFLOP/s of the matmuls alone."""
+    per_caption = captioner_flops(model).forward(DECODE_MAX_LEN)
+    rates = {f"batched greedy, batch {size}": rate[size] for size in DECODE_BATCHES}
+    what = f"caption ({DECODE_MAX_LEN} words, forward)"
+    add_utilisation(result, ws.peak_gflops(), ws.sizes.peak_matmul, per_caption, rates, what)
+    per_row = _word_matmul_flops(model) * DECODE_MAX_LEN
+    for size in DECODE_BATCHES:
+        result.add(f"matmuls alone, batch {size}", per_row * matmul_rate[size] / 1e9, "GFLOP/s")
+
+
 def bench_decode(ws: Workspace) -> Result:
     sizes, vocab = ws.sizes, ws.vocab_size
     small, big = DECODE_BATCHES
@@ -181,6 +204,7 @@ def bench_decode(ws: Workspace) -> Result:
     result.add("tutorial eager loop, one image", eager_rate, "captions/s")
     result.add("batched / tutorial eager loop", rate[small] / eager_rate, "x")
     result.check(ratio, ">= 20", rate[small] / single_rate >= 20)
+    _add_decode_utilisation(result, ws, model, rate, matmul_rate)
     result.notes.append(
         f"{sizes.decode_repeats} rounds, each one call per batch size and the matmuls of its "
         f"{DECODE_MAX_LEN} words, and {per_round} single images, so a change in load hits all"

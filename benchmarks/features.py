@@ -2,7 +2,9 @@
 
 `bench_features` times `extract_features` end to end (demo JPEGs on disk ->
 float16 store) against InceptionV3's forward pass alone on an in-memory batch;
-the ratio says how much of the extractor's speed the pipeline around it keeps.
+the ratio says how much of the extractor's speed the pipeline around it keeps,
+and the FLOPs of InceptionV3's layers at that rate say how much of the
+machine's peak it reaches.
 `bench_store` measures the bytes on disk per image of that store, index and
 manifest included, against float32 features.
 """
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from benchmarks.flops import add_utilisation, layer_flops
 from benchmarks.results import Result, seconds
 from benchmarks.workspace import (
     CHANNELS,
@@ -61,6 +64,7 @@ def bench_features(ws: Workspace) -> Result:
     ws.store_dir = ws.root / "store"
     e2e_s = seconds(lambda: extract(images, ws.store_dir, extractor))
     bare_s += bare_batches(after)
+    peak = ws.peak_gflops()
 
     e2e_rate = n / e2e_s
     bare_rate = (before + after) * FEATURE_BATCH / bare_s
@@ -69,6 +73,9 @@ def bench_features(ws: Workspace) -> Result:
     result.add("bare forward pass (tf.function)", bare_rate, "images/s")
     result.add("end-to-end / bare", ratio, "")
     result.check("end-to-end / bare", ">= 0.85", ratio >= 0.85)
+    rates = {"end to end": e2e_rate, "bare forward": bare_rate}
+    flops = layer_flops(extractor)
+    add_utilisation(result, peak, ws.sizes.peak_matmul, flops, rates, "image (InceptionV3 forward)")
     result.notes.append(
         "end to end = hashing the files, decoding and resizing the JPEGs (tf.data), "
         "the forward pass, float16 conversion and writing shards + index"

@@ -13,6 +13,10 @@ printed with its target and PASS/FAIL, and written together to `reports/bench.js
   should not grow with the data);
 - decode: captions/s of batched greedy decoding against one image at a time.
 
+Features, train and decode also print the model FLOPs per item (counted from
+the layers' shapes), the GFLOP/s achieved and their share of the machine's
+peak, a large float32 matmul timed in the same benchmark (`benchmarks.flops`).
+
 A sixth, `--only decoders` (`make bench-decoders`), needs the pipeline's
 outputs (`make repro`): it scores greedy, beam 3 and beam 5 on the evaluate
 split with the evaluate stage's own `evaluate_split`, and times each decoder.

@@ -11,6 +11,7 @@ checks that they compute the scan's logits.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.flops import (
+    TRAINING_PER_FORWARD,
+    add_utilisation,
+    captioner_flops,
+    matmul_gflops,
+)
 from benchmarks.results import Result, seconds
 from benchmarks.workspace import (
     CAPTION_TOKENS,
@@ -33,6 +40,7 @@ from benchmarks.workspace import (
     tutorial_model,
 )
 from captioning.config import TrainParams
+from captioning.distributed import distributed_optimizer, distributed_step, make_strategy
 from captioning.model import Captioner
 from captioning.text import PAD_ID
 
@@ -212,6 +220,87 @@ def _loop_rate(model: Captioner, optimizer, step: Callable, data: list[Batch]) -
     return (len(data) - 1) * TRAIN_BATCH / seconds(lambda: [run(b) for b in data[1:]])
 
 
+def _step_elements(data: list[Batch]) -> tf.data.Dataset:
+    """`data` as the distributed step's elements: features, tokens, global tokens and rows."""
+    elements = [(f, t, np.float32(np.sum(t[:, 1:] != PAD_ID)), np.float32(len(t))) for f, t in data]
+    signature = (
+        tf.TensorSpec((None, LOCATIONS, CHANNELS), tf.float16),
+        tf.TensorSpec((None, None), tf.int32),
+        tf.TensorSpec((), tf.float32),
+        tf.TensorSpec((), tf.float32),
+    )
+    return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=signature)
+
+
+def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
+    """Pairs/s of the training step that `train.precision` runs, on fake batches.
+
+    The step is `captioning.distributed.distributed_step` on one device, as
+    the train stage runs it whenever train.distribute or train.precision is
+    set: model and optimizer built under the Keras dtype policy `precision`
+    (float32, mixed_float16 with loss scaling, mixed_bfloat16), the loss in
+    float32. The global policy is restored afterwards.
+    """
+    data = _fake_batches(batches + 1, vocab_size, np.random.default_rng(0))
+    params = dataclasses.replace(TrainParams(), precision=precision)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = tutorial_model(vocab_size)
+        optimizer = distributed_optimizer(params, steps=len(data))
+        optimizer.build(model.trainable_variables)
+        step = distributed_step(make_strategy("none"), model, optimizer, params.jit_compile)
+        iterator = iter(_step_elements(data))
+        step(iterator).numpy()  # warm-up: traces and compiles
+        return (
+            batches
+            * TRAIN_BATCH
+            / seconds(lambda: [step(iterator).numpy() for _ in range(batches)])
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+# ----------------------------------------------------------------------------- utilisation
+
+
+def _add_train_utilisation(
+    result: Result, ws: Workspace, model: Captioner, compiled: float, image_major: float
+) -> None:
+    """FLOPs per pair, share of the peak, and the speed of the step's own matmul shapes.
+
+    The per-word recurrence is a chain of small matmuls (batch rows x 512), fc2
+    over every word at once the step's one big matmul. Timed alone, in the
+    same rounds as the peak's square matmuls (eagerly traced and XLA-compiled,
+    as the step is), they say whether the matmul shapes bound the step or
+    something else does.
+    """
+    flops = captioner_flops(model)
+    words = CAPTION_TOKENS - 1
+    peak, size = ws.peak_gflops(), ws.sizes.peak_matmul
+    per_pair = TRAINING_PER_FORWARD * flops.forward(words)
+    add_utilisation(result, peak, size, per_pair, {"compiled (fit)": compiled}, "caption pair")
+    image_major_pair = TRAINING_PER_FORWARD * flops.forward(words, CAPTIONS_PER_IMAGE)
+    rates = {"compiled, image-major": image_major}
+    add_utilisation(result, peak, size, image_major_pair, rates, "pair, image-major")
+    c = model.model_config
+    b, u, a = TRAIN_BATCH, c.units, c.attention_units
+    shapes = {  # (m, k, n): the peak's, and the step's own matmuls
+        f"peak {size}^2": (size, size, size),
+        f"per-word recurrent {b}x{u} @ {u}x{a + 3 * u}": (b, u, a + 3 * u),
+        f"per-word recurrent, XLA-compiled {b}x{u} @ {u}x{a + 3 * u}": (b, u, a + 3 * u),
+        f"fc2 over all words {b * words}x{u} @ {u}x{ws.vocab_size}": (b * words, u, ws.vocab_size),
+    }
+    jit = tuple(name for name in shapes if "XLA" in name)
+    for name, rate in matmul_gflops(shapes, jit=jit).items():
+        result.add(f"matmul alone, same rounds: {name}", rate, "GFLOP/s")
+    result.notes.append(
+        f"model FLOPs: {TRAINING_PER_FORWARD} x the forward pass over {words} words "
+        "(padding included: the step computes it), image work per pair (or per K pairs "
+        "image-major); a multiply-add is 2 FLOPs"
+    )
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -245,6 +334,7 @@ def bench_train(ws: Workspace) -> Result:
         "compiled / eager hoisted loop (the loop the only difference)", compiled / hoisted, "x"
     )
     result.check("compiled / eager tutorial loop", ">= 5", compiled / eager >= 5)
+    _add_train_utilisation(result, ws, model, compiled, image_major)
     if sizes.train_unrolled:
         unrolled = _loop_rate(model, optimizer, tf.function(tutorial_train_step), data)
         result.add("tutorial loop, tf.function (unrolled)", unrolled, "pairs/s")

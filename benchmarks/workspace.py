@@ -5,9 +5,10 @@
 own defaults, read from the `captioning.config` and `captioning.model`
 dataclasses, so a benchmark measures what the pipeline runs. The paths of the
 pipeline outputs the decoders benchmark reads live here too, in one place.
-`Workspace` holds the temporary data one run shares between benchmarks (demo
-images, the extractor, the feature store); the fake-data writers make tokens,
-features and stores of the right shapes without running the pipeline.
+`Workspace` holds what one run shares between benchmarks (demo images, the
+extractor, the feature store, the machine's peak GFLOP/s, measured); the
+fake-data writers make tokens, features and stores of the right shapes
+without running the pipeline.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from benchmarks.flops import PEAK_SIZE, peak_gflops
 from captioning.config import EvaluateParams, FeaturesParams, TokenizeParams, TrainParams
 from captioning.data.demo import generate_demo
 from captioning.features import (
@@ -81,10 +83,13 @@ class Sizes:
     decode_repeats: int  # timing rounds: one batched call of each size + single images
     decode_eager: int  # images decoded by the tutorial's eager Python loop
     decoders_images: int | None  # first images of the evaluate split; None = all of them
+    # Side of the float32 matmuls that measure the machine's peak; 2048 reaches the
+    # same GFLOP/s on a CPU as 4096 in an eighth of the time.
+    peak_matmul: int
 
 
-QUICK = Sizes(64, (64, 128), 32, (200, 800), 2, 2, False, 4, 1, 1, 24)
-FULL = Sizes(192, (128, 512), 64, (200, 800), 6, 8, True, 18, 3, 4, None)
+QUICK = Sizes(64, (64, 128), 32, (200, 800), 2, 2, False, 4, 1, 1, 24, 2048)
+FULL = Sizes(192, (128, 512), 64, (200, 800), 6, 8, True, 18, 3, 4, None, PEAK_SIZE)
 
 
 # ----------------------------------------------------------------------------- models
@@ -216,3 +221,11 @@ class Workspace:
         if self._extractor is None:
             self._extractor = new_extractor()
         return self._extractor
+
+    def peak_gflops(self) -> float:
+        """The machine's float32 matmul peak, measured now.
+
+        Each benchmark measures it beside its own rates: on a shared machine
+        the load changes over a run, and a share is only fair at one load.
+        """
+        return peak_gflops(self.sizes.peak_matmul)

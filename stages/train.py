@@ -3,6 +3,7 @@
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -11,10 +12,11 @@ import pandas as pd
 from captioning import tracking
 from captioning.config import load_section, read_params
 from captioning.data.sources import demo_objects
+from captioning.distributed import is_chief, train_distributed, trainer
 from captioning.evaluation import references_by_image
 from captioning.features import FeatureStore
 from captioning.text import Vocabulary
-from captioning.training import CaptionSet, fit_captioner, save_model, settings_fingerprint
+from captioning.training import CaptionSet, save_model, settings_fingerprint
 
 
 def main() -> None:
@@ -28,6 +30,9 @@ def main() -> None:
     parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
     parser.add_argument("--run", required=True, help="output JSON naming the MLflow run")
     args = parser.parse_args()
+    if not is_chief(load_section("train").distribute):
+        print(f"train (worker): {train_as_worker(args)}")
+        return
 
     uri = tracking.configure(Path.cwd())
     with tracking.server_errors(uri):
@@ -58,12 +63,13 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict]:
         mlflow.set_tags(tracking.run_tags(repo, hashes))
         tracking.log_training_data(args.table, source=args.table)
         extractor = json.loads((Path(args.features) / "extractor.json").read_text())
-        model, summary = fit_captioner(
+        params = load_section("train")
+        model, summary = trainer(params)(
             store,
             vocabulary,
             train,
             val,
-            load_section("train"),
+            params,
             extractor,
             checkpoints,
             args.history,
@@ -76,6 +82,28 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict]:
         mlflow.log_artifact(str(tokens / "vocab.json"))
         mlflow.log_artifact(args.history)
     return run, summary
+
+
+def train_as_worker(args: argparse.Namespace) -> dict:
+    """A multi_worker worker other than the chief: trains in step with it, writes no output.
+
+    No MLflow run, nothing dvc.yaml declares: its state stays in a temporary folder.
+    """
+    tokens = Path(args.tokens)
+    with tempfile.TemporaryDirectory(prefix="train-worker-") as scratch:
+        _, summary = train_distributed(
+            FeatureStore(args.features),
+            Vocabulary.from_json((tokens / "vocab.json").read_text()),
+            CaptionSet.load(tokens, "train"),
+            CaptionSet.load(tokens, "val"),
+            load_section("train"),
+            json.loads((Path(args.features) / "extractor.json").read_text()),
+            Path(scratch) / "checkpoints",
+            Path(scratch) / "history.csv",
+            val_references=references_by_image(pd.read_parquet(args.table), "val"),
+            val_objects=demo_objects(args.raw),
+        )
+    return summary
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
+from benchmarks.flops import captioner_flops, layer_flops
 from benchmarks.train import loop_logits
 
 from captioning.config import load_section
@@ -146,3 +148,35 @@ def test_benchmark_step_loops_compute_the_scans_logits(tiny_captioner):
     for hoisted in (False, True):
         loop = loop_logits(model, features, tokens, hoisted)
         np.testing.assert_allclose(loop.numpy(), scan_logits.numpy(), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+
+
+def test_layer_flops_counts_conv_and_dense_from_their_shapes():
+    """A small model counted by hand: a multiply-add is 2 FLOPs, normalisation is left out."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8x8 positions x 3*3*3 x 4
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(2, 1, strides=2)(x)  # 4x4 positions x 1*1*4 x 2
+    x = keras.layers.Dense(3)(x)  # applied at each of the 4x4 positions: 2 x 3
+    outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))  # 48 x 5
+    model = keras.Model(inputs, outputs)
+    by_hand = 2 * (64 * 27 * 4 + 16 * 4 * 2 + 16 * 2 * 3 + 48 * 5)
+    assert layer_flops(model) == by_hand
+    nested = keras.Model(inputs, keras.layers.Dense(1)(model(inputs)))  # a model inside a model
+    assert layer_flops(nested) == by_hand + 2 * 5
+
+
+def test_captioner_flops_by_hand(tiny_captioner):
+    model = tiny_captioner(
+        feature_shape=(9, 32), embedding_dim=8, units=16, attention_units=8, encoder_dim=8
+    )
+    vocab = model.decoder.fc2.kernel.shape[1]
+    flops = captioner_flops(model)
+    # L=9, C=32, E=8, A=8, U=16, D=8: encoder L*C*E, keys L*E*A, initial state E*U
+    assert flops.per_image == 2 * (9 * 32 * 8 + 9 * 8 * 8 + 8 * 16)
+    # GRU input (E+D)*3U, [W2 | recurrent] U*(A+3U), scores L*A, context L*E, fc1 U*U, fc2 U*V
+    assert flops.per_word == 2 * (16 * 48 + 16 * (8 + 48) + 9 * 8 + 9 * 8 + 16 * 16 + 16 * vocab)
+    assert flops.forward(5) == flops.per_image + 5 * flops.per_word
+    assert flops.forward(5, captions_per_image=2) == flops.per_image / 2 + 5 * flops.per_word

@@ -102,6 +102,18 @@ class TrainParams:
     # A learned vector per feature-map location added to the encoded features,
     # so the attended context says where it looked. Off: it did not help on the demo.
     location_embedding: bool = False
+    # gru: the tutorial's attention GRU (embedding_dim, units, attention_units).
+    # transformer: captioning.transformer (the transformer_* sizes below). Both
+    # read the same encoder; docs/transformer.md compares them.
+    decoder: Literal["gru", "transformer"] = "gru"
+    # Small for two CPU cores: 2 blocks of width 256 (4 heads of 64) hold fewer
+    # weights than the GRU decoder (1.7 M against 2.4 M on the demo vocabulary)
+    # and train about 2.5x the caption pairs/s. Not tuned beyond that.
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_width: int = 256  # model dimension: embedding, attention and residual stream
+    transformer_ff: int = 512  # feed-forward inner width
+    transformer_dropout: float = 0.1  # residual and embedding dropout, the usual 0.1
     batch_size: int = 64  # caption pairs per step (the tutorial's); whole images when K > 1
     # K: an epoch is every image once with K of its captions, drawn afresh each
     # epoch, in image-major batches that share one encoder pass (0: every caption,
@@ -133,6 +145,15 @@ class TrainParams:
     seed: int = 42
     jit_compile: bool = True  # XLA-compile the whole-sequence train step (about 4x faster on CPU)
     deterministic: bool = False  # TF op determinism: bit-identical reruns, about 3x slower steps
+    # none: one device, Keras `fit`. mirrored: every local device (several GPUs),
+    # multi_worker: the cluster in TF_CONFIG (TFJob, Slurm, Vertex AI); both run
+    # captioning.distributed's loop, since Keras 3 `fit` fails under several
+    # workers (docs/scaling.md). batch_size stays the global batch.
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    # mixed_float16 (with loss scaling) or mixed_bfloat16 for accelerators with
+    # fast half-precision matmuls; on CPU they run, with small and unsteady
+    # gains (docs/scaling.md). Not float32: captioning.distributed's loop, one device too.
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

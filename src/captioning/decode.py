@@ -8,6 +8,13 @@ per-word matmuls are what a batch shares, so batches are several times cheaper
 per caption than single images, not free (`make bench` measures it). All
 methods return the caption, its log-probability score and the 8x8 (64)
 attention weights of every emitted word.
+
+The loops drive either decoder (`train.decoder`) through the same two calls:
+`start_decoding(encoded, copies)` gives the per-batch constants ("memory") and
+the first loop state, and `decode_step(tokens, state, memory)` one word. The
+state is the GRU's hidden vector, or the transformer's per-block key/value
+caches that grow by one position a word; beam search reorders either with its
+beams, row by row.
 """
 
 from __future__ import annotations
@@ -104,17 +111,16 @@ class CaptionDecoder:
         return DecodeResult(tokens, captions, scores, lengths, attention)
 
     # -- compiled loops ---------------------------------------------------------
-    def _prepare(self, features):
-        """Everything a loop needs before its first word, computed once per batch."""
+    def _prepare(self, features, copies: int = 1):
+        """Everything a loop needs before its first word, computed once per batch.
+
+        (decoder, encoded (B, L, E), memory, state), memory and state with
+        every row repeated `copies` times (the beams of one image adjacent).
+        """
         encoded = self.model.encoder(features)  # (B, L, E)
         decoder = self.model.decoder
-        return (
-            decoder,
-            encoded,
-            decoder.attention.project_features(encoded),
-            decoder.initial_state(encoded),
-            decoder.loop_weights(),
-        )
+        memory, state = decoder.start_decoding(encoded, copies)
+        return decoder, encoded, memory, state
 
     def _greedy_loop(self, features, max_len, sample: bool, temperature, seed):
         """Argmax (greedy), or with `sample` seeded draws from softmax(logits / temperature).
@@ -124,7 +130,7 @@ class CaptionDecoder:
         every row has emitted <end>; the steps it skips would only have written
         <pad> and zero attention, which is what the outputs hold there.
         """
-        decoder, encoded, projected, state, loop_weights = self._prepare(features)
+        decoder, encoded, memory, state = self._prepare(features)
         batch = tf.shape(features)[0]
         tokens = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
@@ -133,7 +139,11 @@ class CaptionDecoder:
         out_weights = tf.TensorArray(tf.float32, size=max_len)
         t = tf.constant(0)
         while t < max_len and not tf.reduce_all(done):
-            logits, state, weights = decoder.step(tokens, state, encoded, projected, loop_weights)
+            # A transformer's key/value caches grow by one position a word.
+            tf.autograph.experimental.set_loop_options(
+                shape_invariants=_loose_shapes(state, keep_batch=True)
+            )
+            logits, state, weights = decoder.decode_step(tokens, state, memory)
             logp = tf.nn.log_softmax(logits)  # (B, V)
             if sample:
                 step_seed = tf.stack([seed[0], seed[1] * 100003 + t])
@@ -172,14 +182,9 @@ class CaptionDecoder:
         keeps the beams in order), so the loop stops and pads instead.
         """
         k = beam_size
-        decoder, encoded, projected, state, loop_weights = self._prepare(features)
+        decoder, encoded, memory, state = self._prepare(features, copies=k)  # B*K rows
         batch = tf.shape(features)[0]
         vocab = self.model.model_config.vocab_size
-
-        def tile(x):  # (B, ...) -> (B*K, ...), each image's K beams adjacent
-            return tf.repeat(x, k, axis=0)
-
-        encoded, projected, state = tile(encoded), tile(projected), tile(state)
         num_loc = tf.shape(encoded)[1]
         # Only beam 0 is live at the start, or the K beams would be K copies.
         scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -1e9)], 0)[None], [batch, 1])  # (B, K)
@@ -195,14 +200,14 @@ class CaptionDecoder:
                     (history, tf.TensorShape([None, k, None])),
                     (att_history, tf.TensorShape([None, k, None, None])),
                     # Gathers lose the static batch size a caller's tensor may carry.
-                    (state, tf.TensorShape([None, None])),
+                    *_loose_shapes(state),
                     (tokens, tf.TensorShape([None])),
                     (scores, tf.TensorShape([None, k])),
                     (done, tf.TensorShape([None, k])),
                     (lengths, tf.TensorShape([None, k])),
                 ]
             )
-            logits, state, weights = decoder.step(tokens, state, encoded, projected, loop_weights)
+            logits, state, weights = decoder.decode_step(tokens, state, memory)
             logp = tf.reshape(tf.nn.log_softmax(logits), [batch, k, vocab])
             logp = tf.where(done[..., None], pad_only, logp)
             total = tf.reshape(scores[..., None] + logp, [batch, k * vocab])
@@ -219,7 +224,7 @@ class CaptionDecoder:
             lengths = tf.gather(lengths, parent, batch_dims=1) + tf.cast(~was_done, tf.int32)
             done = was_done | tf.equal(chosen, END_ID)
             rows = tf.reshape(parent + tf.range(batch)[:, None] * k, [-1])
-            state = tf.gather(state, rows)
+            state = tf.nest.map_structure(lambda s, rows=rows: tf.gather(s, rows), state)
             tokens = tf.reshape(chosen, [-1])
         missing = max_len - tf.shape(history)[2]  # steps skipped after every beam finished
         history = tf.pad(history, [[0, 0], [0, 0], [0, missing]], constant_values=PAD_ID)
@@ -231,6 +236,20 @@ class CaptionDecoder:
             tf.gather(normalised, best, batch_dims=1),
             tf.gather(att_history, best, batch_dims=1),
         )
+
+
+def _loose_shapes(state, keep_batch: bool = False) -> list[tuple]:
+    """The shape invariant of a (nested) loop state: each rank kept, its dimensions free.
+
+    `keep_batch` keeps the first (batch) dimension as it is, so the loop's
+    outputs keep a caller's static batch size.
+    """
+
+    def loose(s):
+        batch = s.shape[:1] if keep_batch else [None]
+        return tf.TensorShape([*batch, *[None] * (s.shape.rank - 1)])
+
+    return [(state, tf.nest.map_structure(loose, state))]
 
 
 def _caption_lengths(tokens: np.ndarray) -> np.ndarray:

@@ -10,6 +10,10 @@ Keras 3 with three fixes users ask for:
 - InceptionV3 features are standardised by train-set statistics stored in the
   encoder, so random-init features (tiny values) train as well as ImageNet ones.
 
+`train.decoder: transformer` puts `captioning.transformer`'s decoder in the
+GRU's place, over the same encoder, loss and training step; both decoders
+offer `start_decoding` / `decode_step` to `captioning.decode`.
+
 Every layer takes explicit constructor arguments, implements `get_config`, and
 is registered serialisable; the `Captioner` carries its `ModelConfig` and its
 vocabulary, so a saved `.keras` file is all that inference needs.
@@ -27,8 +31,10 @@ from keras import layers
 
 from captioning.config import FeaturesParams, TrainParams
 from captioning.text import PAD_ID, Vocabulary
+from captioning.transformer import TransformerDecoder
 
 PACKAGE = "captioning"
+DECODERS = ("gru", "transformer")  # TrainParams.decoder's choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,13 @@ class ModelConfig:
     attention_penalty: float = TrainParams.attention_penalty
     label_smoothing: float = TrainParams.label_smoothing
     location_embedding: bool = TrainParams.location_embedding
+    # Which decoder reads the encoded image; a model saved without the key is a GRU.
+    decoder: str = TrainParams.decoder
+    transformer_layers: int = TrainParams.transformer_layers
+    transformer_heads: int = TrainParams.transformer_heads
+    transformer_width: int = TrainParams.transformer_width
+    transformer_ff: int = TrainParams.transformer_ff
+    transformer_dropout: float = TrainParams.transformer_dropout
     # The extractor that made the features: inference must rebuild the same one.
     image_size: int = FeaturesParams.image_size
     extractor_weights: str = FeaturesParams.weights
@@ -249,6 +262,25 @@ class AttentionGRUDecoder(layers.Layer):
         )
         return self.fc2(self.fc1(state)), state, weights
 
+    def start_decoding(self, encoded, copies: int = 1):
+        """(memory, state) before the first word; every row repeated `copies` times (beams).
+
+        memory: the per-batch constants `step` reads (features, attention keys,
+        loop weights); state: h0 (B, U). `captioning.decode` drives every
+        decoder through this and `decode_step`.
+        """
+        projected = self.attention.project_features(encoded)
+        state = self.initial_state(encoded)
+        if copies > 1:
+            encoded, projected, state = (
+                tf.repeat(x, copies, axis=0) for x in (encoded, projected, state)
+            )
+        return (encoded, projected, self.loop_weights()), state
+
+    def decode_step(self, tokens, state, memory):
+        """tokens (B,) -> logits (B, V), state (B, U), weights (B, L)."""
+        return self.step(tokens, state, *memory)
+
     def call(self, features, tokens, captions_per_image: int | None = None):
         """Teacher forcing: features (B, L, E), tokens (B, T) -> logits (B, T, V), weights (B, T, L).
 
@@ -333,9 +365,7 @@ class Captioner(keras.Model):
             c.num_locations if c.location_embedding else None,
             name="encoder",
         )
-        self.decoder = AttentionGRUDecoder(
-            c.vocab_size, c.embedding_dim, c.units, c.attention_units, c.encoder_dim, name="decoder"
-        )
+        self.decoder = _build_decoder(c)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.ce_tracker = keras.metrics.Mean(name="ce")
         self.penalty_tracker = keras.metrics.Mean(name="attention_penalty")
@@ -421,6 +451,34 @@ class Captioner(keras.Model):
             "config": dataclasses.asdict(self.model_config),
             "vocabulary": self.vocabulary.words,
         }
+
+
+def _build_decoder(c: ModelConfig) -> AttentionGRUDecoder | TransformerDecoder:
+    """The decoder `c.decoder` names, sized by `c`."""
+    if c.decoder == "gru":
+        return AttentionGRUDecoder(
+            c.vocab_size, c.embedding_dim, c.units, c.attention_units, c.encoder_dim, name="decoder"
+        )
+    if c.decoder == "transformer":
+        return TransformerDecoder(
+            c.vocab_size,
+            c.transformer_width,
+            c.transformer_layers,
+            c.transformer_heads,
+            c.transformer_ff,
+            c.transformer_dropout,
+            c.encoder_dim,
+            c.num_locations,
+            name="decoder",
+        )
+    raise ValueError(f"unknown decoder {c.decoder!r}; use one of {list(DECODERS)}")
+
+
+def decoder_settings(params: TrainParams) -> dict[str, Any]:
+    """The ModelConfig fields that choose and size the decoder, from the train params."""
+    names = ("decoder", "transformer_layers", "transformer_heads", "transformer_width")
+    names += ("transformer_ff", "transformer_dropout")
+    return {name: getattr(params, name) for name in names}
 
 
 def build_captioner(

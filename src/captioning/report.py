@@ -307,8 +307,19 @@ def _card(entry: Entry) -> str:
     )
 
 
+# What an overlay shows, by `train.decoder`.
+ATTENTION_SOURCE = {
+    "gru": "the attention the GRU used for that word",
+    "transformer": "the last block's cross-attention for that word, averaged over its heads",
+}
+
+
 def render_index(
-    entries: dict[int, Entry], selection: Selection, report: ReportParams, evaluate: EvaluateParams
+    entries: dict[int, Entry],
+    selection: Selection,
+    report: ReportParams,
+    evaluate: EvaluateParams,
+    decoder: str = "gru",
 ) -> str:
     """The whole page as one string: sample sections, then best and worst galleries."""
     settings = html.escape(
@@ -323,7 +334,8 @@ def render_index(
         "<title>Attention report</title>",
         f"<style>{_CSS}</style>\n<script>{_SCRIPT}</script>\n</head>\n<body>",
         "<h1>Attention report</h1>",
-        f"<p>{settings}. Each overlay panel is one generated word; brighter = more attention.</p>",
+        f"<p>{settings}. Each overlay panel is one generated word: "
+        f"{ATTENTION_SOURCE.get(decoder, 'its attention')}; brighter = more attention.</p>",
         '<p><a href="#sample">Sample</a> &middot; <a href="#best">Best by CIDEr</a> '
         '&middot; <a href="#worst">Worst by CIDEr</a></p>',
         f'<h2 id="sample">Sample ({len(selection.sample)} images)</h2>',
@@ -420,7 +432,9 @@ def build_report(
             (staged / folder).mkdir()
         for image_id, entry in entries.items():
             _draw_image(paths[image_id], entry, staged)
-        page = render_index(entries, selection, report_params, evaluate_params)
+        page = render_index(
+            entries, selection, report_params, evaluate_params, model.model_config.decoder
+        )
         (staged / "index.html").write_text(page, "utf-8")
     index = out / "index.html"
     return {

@@ -33,7 +33,7 @@ from captioning.config import EvaluateParams, TrainParams
 from captioning.data.demo_captions import caption_correct
 from captioning.decode import CaptionDecoder
 from captioning.features import FeatureStore
-from captioning.model import Captioner, ModelConfig, build_captioner
+from captioning.model import Captioner, ModelConfig, build_captioner, decoder_settings
 from captioning.text import PAD_ID, Vocabulary
 
 
@@ -247,10 +247,10 @@ def code_fingerprint() -> str:
 
     config is among them: the val captions are decoded with evaluate's defaults.
     """
-    from captioning import config, decode, metrics, model
+    from captioning import config, decode, metrics, model, transformer
 
     digest = hashlib.sha256()
-    for module in (model, decode, metrics, config):
+    for module in (model, transformer, decode, metrics, config):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -522,6 +522,7 @@ def compiled_captioner(
         num_locations=num_loc,
         attention_penalty=params.attention_penalty,
         label_smoothing=params.label_smoothing,
+        **decoder_settings(params),
         **extractor,
     )
     model = build_captioner(config, vocabulary, seed=params.seed)
