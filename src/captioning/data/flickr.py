@@ -15,7 +15,6 @@ so that `split.scheme: karpathy` reproduces it exactly.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import zipfile
@@ -25,13 +24,13 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from PIL import Image
 from tqdm import tqdm
 
 from captioning.atomic_files import write_if_changed
 from captioning.data.archives import CorruptArchiveError
 from captioning.data.coco_layout import prune_image_folder
 from captioning.data.download import DownloadError, RetryPolicy, download
+from captioning.images import ImageReadError, image_size
 
 FLICKR8K_IMAGES_URL = (
     "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
@@ -127,12 +126,11 @@ def _archive_files(archive: Path) -> Iterator[tuple[str, IO[bytes]]]:
         raise zipfile.BadZipFile("neither a zip nor a tar archive")
 
 
-def _image_size(data: bytes) -> dict[str, int]:
+def _image_size(data: bytes, name: str) -> dict[str, int]:
     """{"width", "height"} from the image header, or {} when it does not parse."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except (OSError, ValueError, Image.DecompressionBombError):
+        _, width, height = image_size(data, name)
+    except ImageReadError:
         # An unreadable image is the validate stage's to quarantine and count;
         # width/height are optional in the COCO schema.
         return {}
@@ -193,7 +191,7 @@ def _copy_images(
             file_name = f"COCO_{folder}_{image_id:012d}.jpg"
             write_if_changed(root / folder / file_name, data)
             record = {"id": image_id, "file_name": file_name, "flickr_file_name": name}
-            record.update(_image_size(data))
+            record.update(_image_size(data, name))
             records[folder].append(record)
             found.add(name)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as err:
