@@ -430,3 +430,52 @@ def test_train_stage_on_two_workers_writes_outputs_and_mlflow_records_on_the_chi
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1]
     assert "train (worker):" in (tmp_path / "worker1.log").read_text()
     assert sorted(p.name for p in folders[1].iterdir()) == ["params.yaml", "stages"]
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_through_dvc_repro_on_two_local_workers(tmp_path):
+    """docs/scaling.md's two commands: the chief's `dvc repro` and worker 1's train command."""
+    import yaml
+
+    from pipeline_fixtures import VENV_BIN, describe, make_project
+
+    project = make_project(tmp_path, {"train.distribute": "multi_worker"})
+    project.dvc("repro", "tokenize")
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+
+    def tf_config(index: int) -> dict[str, str]:
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        return {**project.env, "TF_CONFIG": json.dumps(task)}
+
+    # The train stage's own command from dvc.yaml, run by hand on worker 1 in the same checkout.
+    stages = yaml.safe_load((project.root / "dvc.yaml").read_text())["stages"]
+    python, *arguments = stages["train"]["cmd"].split()
+    assert python == "python"
+    worker = ServerProcess(
+        [str(VENV_BIN / "python"), *arguments],
+        port_open("127.0.0.1", ports[1]),
+        tmp_path / "worker1.log",
+        env=tf_config(1),
+        cwd=project.root,
+        ready_timeout_s=RUN_TIMEOUT_S,
+        name="worker 1",
+    )
+    try:
+        worker.start()
+        chief = subprocess.run(
+            [str(VENV_BIN / "dvc"), "repro"],
+            cwd=project.root,
+            env=tf_config(0),
+            capture_output=True,
+            text=True,
+            timeout=2 * RUN_TIMEOUT_S,
+        )
+        assert chief.returncode == 0, describe(chief) + "\n--- worker 1 ---\n" + worker.tail()
+        assert worker.process.wait(RUN_TIMEOUT_S) == 0, worker.tail()
+    finally:
+        worker.stop(grace_s=1)
+    assert "Running stage 'train'" in chief.stdout, describe(chief)
+    assert json.loads((project.root / "reports" / "metrics.json").read_text())["CIDEr"] >= 0
+    status = project.dvc("status")
+    assert "up to date" in status.stdout, describe(status)
