@@ -440,7 +440,7 @@ def test_the_pipeline_runs_through_dvc_repro_on_two_local_workers(tmp_path):
     from pipeline_fixtures import VENV_BIN, describe, make_project
 
     project = make_project(tmp_path, {"train.distribute": "multi_worker"})
-    project.dvc("repro", "tokenize")
+    project.dvc("repro", "features", "tokenize")  # what train reads, before the workers start
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
 
