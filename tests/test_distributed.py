@@ -433,6 +433,26 @@ def test_train_stage_on_two_workers_writes_outputs_and_mlflow_records_on_the_chi
 
 
 @pytest.mark.slow
+def test_one_process_killed_mid_epoch_resumes_to_the_uninterrupted_weights(data, tmp_path):
+    """The default engine (`distribute: none`, Keras `fit`) under op determinism."""
+    whole = _run_one(data, tmp_path / "whole" / "one", {"distribute": "none"})
+    _wait(whole, tmp_path / "whole" / "one.log")
+    crashed = tmp_path / "crashed" / "one"
+    crashed.parent.mkdir(parents=True)
+    killed = subprocess.run(
+        [str(part) for part in _command(data, crashed, {"distribute": "none"}, kill_at="2:3")],
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert killed.returncode == -9, killed.stdout[-3000:]
+    assert json.loads((crashed / "checkpoints" / "state.json").read_text())["epoch"] == 1
+    again = _run_one(data, crashed, {"distribute": "none"})
+    _wait(again, crashed.with_suffix(".log"))
+    assert _summary(crashed.with_suffix(".log"))["resumed_from_epoch"] == 1
+    _assert_close(_weights(crashed), _weights(tmp_path / "whole" / "one"), atol=0.0)
+
+
+@pytest.mark.slow
 def test_the_pipeline_runs_through_dvc_repro_on_two_local_workers(tmp_path):
     """docs/scaling.md's two commands: the chief's `dvc repro` and worker 1's train command."""
     import yaml
