@@ -314,7 +314,7 @@ def test_local_coco_folder_with_problem_files(tmp_path):
     assert all(set(q) == {"image_id", "file_name", "reason", "detail"} for q in quarantine)
     details = {q["image_id"]: q["detail"] for q in quarantine}
     assert "truncated" in details[cases["truncated"]].lower(), details
-    assert details[cases["zero_byte"]] == "0 bytes", details
+    assert details[cases["zero_byte"]] == "empty input (0 bytes)", details  # the one reader's words
 
     # Grayscale, CMYK and PNG-as-.jpg are kept, with their decoded sizes; no blank caption.
     table = pd.read_parquet(root / "data" / "interim" / "captions.parquet")
