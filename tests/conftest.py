@@ -43,3 +43,60 @@ def tiny_captioner():
         return build_captioner(model_config, vocabulary, seed=seed)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def demo_trained_captioner(tiny_captioner):
+    """Factory: a tiny captioner briefly trained on demo images at the real 299 px, saved.
+
+    demo_trained_captioner(root, seed=0, epochs=40, train_images=16, val_images=4, **config)
+    -> (the .keras path, the val2014 images): features of the seeded random-init
+    InceptionV3 (64 locations), every caption of every image, `config` as for
+    `tiny_captioner`. For the tests that serve a model and compare its captions.
+    """
+    import collections
+    import json
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from captioning.data.demo import generate_demo
+    from captioning.features import build_extractor, weights_digest
+    from captioning.preprocessing import preprocess_image
+    from captioning.text import Vocabulary, clean_caption
+    from captioning.training import save_model
+
+    def train(root, *, seed=0, epochs=40, train_images=16, val_images=4, **config):
+        demo = root / "demo"
+        generate_demo(demo, train_images, val_images, seed=3)
+        annotations = json.loads((demo / "annotations" / "captions_train2014.json").read_text())
+        files = {im["id"]: demo / "train2014" / im["file_name"] for im in annotations["images"]}
+        captions = collections.defaultdict(list)
+        for annotation in annotations["annotations"]:
+            captions[annotation["image_id"]].append(clean_caption(annotation["caption"]))
+        ids = sorted(files)
+        extractor = build_extractor("none", 299, 0)
+        pixels = np.stack([preprocess_image(files[i].read_bytes(), 299).numpy() for i in ids])
+        features = extractor.predict(pixels, batch_size=8, verbose=0)  # (N, 64, 2048)
+        vocab = Vocabulary.build([c for i in ids for c in captions[i]], 200)
+        model = tiny_captioner(
+            vocab,
+            features.shape[1:],
+            seed=seed,
+            extractor_digest=weights_digest(extractor),
+            **config,
+        )
+        flat = features.reshape(-1, features.shape[-1])
+        model.encoder.set_feature_stats(flat.mean(0), flat.std(0))
+        tokens = np.concatenate([vocab.encode_batch(captions[i], 20) for i in ids])
+        repeated = np.repeat(features, [len(captions[i]) for i in ids], axis=0).astype(np.float16)
+        if epochs:
+            model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+            dataset = tf.data.Dataset.from_tensor_slices((repeated, tokens)).batch(16)
+            model.fit(dataset, epochs=epochs, verbose=0)
+        path = root / f"captioner-{seed}-{epochs}.keras"
+        save_model(model, path)
+        return path, sorted((demo / "val2014").glob("*.jpg"))
+
+    return train

@@ -14,7 +14,6 @@ the champion alias. The registry's rules are tested in test_registry.py.
 from __future__ import annotations
 
 import base64
-import collections
 import io
 import json
 import logging
@@ -30,7 +29,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import tensorflow as tf
 import yaml
 from benchmarks.scoring_server import ScoringServer
 from mlflow.exceptions import MlflowException
@@ -39,10 +37,8 @@ from PIL import Image
 
 from captioning import registry
 from captioning.config import EvaluateParams
-from captioning.data.demo import generate_demo
 from captioning.features import build_extractor, weights_digest
 from captioning.inference import ImageCaptioner
-from captioning.preprocessing import preprocess_image
 from captioning.serving import (
     ServingConfig,
     captioner_model_kwargs,
@@ -51,7 +47,7 @@ from captioning.serving import (
     log_captioner_model,
     request_images,
 )
-from captioning.text import Vocabulary, clean_caption
+from captioning.text import Vocabulary
 from captioning.training import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -453,45 +449,6 @@ def test_logged_model_has_signature_example_pinned_requirements_and_code(
 # ----------------------------------------------------------------------------- the real server
 
 
-def train_tiny_captioner(
-    tiny_captioner, root: Path, seed: int = 0, epochs: int = 40
-) -> tuple[Path, list[Path]]:
-    """A tiny captioner trained on 16 demo images (299 px, 64 locations); returns it and 4 val images."""
-    demo = root / "demo"
-    generate_demo(demo, 16, 4, seed=3)
-    annotations = json.loads((demo / "annotations" / "captions_train2014.json").read_text())
-    files = {im["id"]: demo / "train2014" / im["file_name"] for im in annotations["images"]}
-    captions = collections.defaultdict(list)
-    for annotation in annotations["annotations"]:
-        captions[annotation["image_id"]].append(clean_caption(annotation["caption"]))
-    ids = sorted(files)
-    extractor = build_extractor("none", 299, 0)
-    pixels = np.stack([preprocess_image(files[i].read_bytes(), 299).numpy() for i in ids])
-    features = extractor.predict(pixels, batch_size=8, verbose=0)  # (16, 64, 2048)
-    vocab = Vocabulary.build([c for i in ids for c in captions[i]], 200)
-    model = tiny_captioner(
-        vocab,
-        features.shape[1:],
-        seed=seed,
-        embedding_dim=16,
-        units=32,
-        attention_units=16,
-        encoder_dim=16,
-        extractor_digest=weights_digest(extractor),
-    )
-    flat = features.reshape(-1, features.shape[-1])
-    model.encoder.set_feature_stats(flat.mean(0), flat.std(0))
-    tokens = np.concatenate([vocab.encode_batch(captions[i], 20) for i in ids])
-    repeated = np.repeat(features, [len(captions[i]) for i in ids], axis=0).astype(np.float16)
-    if epochs:
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
-        dataset = tf.data.Dataset.from_tensor_slices((repeated, tokens)).batch(16)
-        model.fit(dataset, epochs=epochs, verbose=0)
-    path = root / f"captioner-{seed}-{epochs}.keras"
-    save_model(model, path)
-    return path, sorted((demo / "val2014").glob("*.jpg"))
-
-
 class Project:
     """A throwaway folder laid out like the repo for the `register` stage."""
 
@@ -557,9 +514,13 @@ class Project:
         return json.loads((self.root / "reports" / "registered.json").read_text()), done.stdout
 
 
+# The served GRU's sizes (demo_trained_captioner's `config`).
+SERVED_GRU = {"embedding_dim": 16, "units": 32, "attention_units": 16, "encoder_dim": 16}
+
+
 @pytest.mark.slow
-def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path, tiny_captioner):
-    model_path, images = train_tiny_captioner(tiny_captioner, tmp_path)
+def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path, demo_trained_captioner):
+    model_path, images = demo_trained_captioner(tmp_path, **SERVED_GRU)
     project = Project(tmp_path / "project", images, max_batch=4)
     registered, stdout = project.register(model_path, cider=0.8)
     assert (registered["version"], registered["alias"]) == ("1", "champion"), stdout
@@ -648,7 +609,7 @@ def test_registered_champion_is_served_by_mlflow_models_serve(tmp_path, tiny_cap
             e["caption"] for e in expected
         ]
 
-        worse_path, _ = train_tiny_captioner(tiny_captioner, tmp_path, seed=1, epochs=0)
+        worse_path, _ = demo_trained_captioner(tmp_path, seed=1, epochs=0, **SERVED_GRU)
         worse, stdout = project.register(worse_path, cider=0.3)
         assert (worse["version"], worse["alias"]) == ("2", "challenger")
         assert "does not beat" in stdout and "0.8000" in stdout

@@ -12,9 +12,7 @@ with the real `mlflow models serve` and run the pipeline with it.
 from __future__ import annotations
 
 import base64
-import collections
 import json
-from pathlib import Path
 
 import keras
 import mlflow
@@ -25,8 +23,8 @@ import tensorflow as tf
 from benchmarks.scoring_server import ScoringServer
 
 from captioning.decode import CaptionDecoder
-from captioning.model import Captioner, ModelConfig, build_captioner, load_captioner
-from captioning.text import START_ID, Vocabulary
+from captioning.model import Captioner, load_captioner
+from captioning.text import START_ID
 from captioning.transformer import (
     CachedMultiHeadAttention,
     TransformerDecoder,
@@ -154,50 +152,14 @@ def test_xla_training_step_lowers_the_loss(tiny_captioner):
 # ----------------------------------------------------------------------------- the real server
 
 
-def tiny_served_transformer(root: Path) -> tuple[Path, list[Path]]:
-    """A tiny transformer captioner briefly trained on 12 demo images (64 locations), saved."""
-    from captioning.data.demo import generate_demo
-    from captioning.features import build_extractor, weights_digest
-    from captioning.preprocessing import preprocess_image
-    from captioning.text import clean_caption
-    from captioning.training import save_model
-
-    demo = root / "demo"
-    generate_demo(demo, 12, 3, seed=3)
-    annotations = json.loads((demo / "annotations" / "captions_train2014.json").read_text())
-    files = {im["id"]: demo / "train2014" / im["file_name"] for im in annotations["images"]}
-    captions = collections.defaultdict(list)
-    for annotation in annotations["annotations"]:
-        captions[annotation["image_id"]].append(clean_caption(annotation["caption"]))
-    ids = sorted(files)
-    extractor = build_extractor("none", 299, 0)
-    pixels = np.stack([preprocess_image(files[i].read_bytes(), 299).numpy() for i in ids])
-    features = extractor.predict(pixels, batch_size=6, verbose=0)  # (12, 64, 2048)
-    vocab = Vocabulary.build([c for i in ids for c in captions[i]], 200)
-    config = ModelConfig(
-        vocab_size=len(vocab),
-        encoder_dim=16,
-        extractor_digest=weights_digest(extractor),
-        **TINY_TRANSFORMER,
-    )
-    model = build_captioner(config, vocab, seed=0)
-    flat = features.reshape(-1, features.shape[-1])
-    model.encoder.set_feature_stats(flat.mean(0), flat.std(0))
-    tokens = np.concatenate([vocab.encode_batch(captions[i], 20) for i in ids])
-    repeated = np.repeat(features, [len(captions[i]) for i in ids], axis=0).astype(np.float16)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
-    model.fit(tf.data.Dataset.from_tensor_slices((repeated, tokens)).batch(16), epochs=5, verbose=0)
-    path = root / "transformer.keras"
-    save_model(model, path)
-    return path, sorted((demo / "val2014").glob("*.jpg"))
-
-
 @pytest.mark.slow
-def test_served_transformer_answers_over_http_like_the_library(tmp_path):
+def test_served_transformer_answers_over_http_like_the_library(tmp_path, demo_trained_captioner):
     from captioning.inference import ImageCaptioner
     from captioning.serving import ServingConfig, captioner_model_kwargs
 
-    model_path, images = tiny_served_transformer(tmp_path)
+    model_path, images = demo_trained_captioner(
+        tmp_path, epochs=5, train_images=12, val_images=3, encoder_dim=16, **TINY_TRANSFORMER
+    )
     expected = ImageCaptioner(model_path).caption_files(images, max_len=24)
     served_dir = tmp_path / "served"
     mlflow.pyfunc.save_model(
