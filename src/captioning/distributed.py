@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from captioning.config import TrainParams
 from captioning.features import FeatureStore
-from captioning.model import Captioner
+from captioning.model import Captioner, masked_loss
 from captioning.text import PAD_ID, Vocabulary
 from captioning.training import (
     BatchPlan,
@@ -106,22 +106,13 @@ def replica_loss(targets, logits, weights, global_tokens, global_rows, attention
     captions. Returns the shares of (loss, ce, penalty, token accuracy).
     """
     logits, weights = tf.cast(logits, tf.float32), tf.cast(weights, tf.float32)  # mixed precision
+    loss, ce, penalty = masked_loss(
+        targets, logits, weights, attention_penalty, label_smoothing, global_tokens, global_rows
+    )
     mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (b, T)
-    denominator = tf.maximum(global_tokens, 1.0)
-    token_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-    ce = tf.reduce_sum(token_ce * mask) / denominator
-    if label_smoothing:
-        uniform_ce = -tf.reduce_mean(tf.nn.log_softmax(logits, axis=-1), axis=-1)  # (b, T)
-        smoothed = (1.0 - label_smoothing) * token_ce + label_smoothing * uniform_ce
-        fit = tf.reduce_sum(smoothed * mask) / denominator
-    else:
-        fit = ce
-    coverage = tf.reduce_sum(weights * mask[..., None], axis=1)  # (b, L)
-    locations = tf.cast(tf.shape(coverage)[1], tf.float32)
-    penalty = tf.reduce_sum(tf.square(1.0 - coverage)) / (global_rows * locations)
     hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32)
-    accuracy = tf.reduce_sum(hits * mask) / denominator
-    return fit + attention_penalty * penalty, ce, penalty, accuracy
+    accuracy = tf.reduce_sum(hits * mask) / tf.maximum(global_tokens, 1.0)
+    return loss, ce, penalty, accuracy
 
 
 class ShardedBatches:

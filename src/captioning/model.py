@@ -319,7 +319,15 @@ class AttentionGRUDecoder(layers.Layer):
         }
 
 
-def masked_loss(targets, logits, weights, attention_penalty: float, label_smoothing: float = 0.0):
+def masked_loss(
+    targets,
+    logits,
+    weights,
+    attention_penalty: float,
+    label_smoothing: float = 0.0,
+    total_tokens=None,
+    total_rows=None,
+):
     """Token cross-entropy over non-pad targets + the doubly stochastic attention penalty.
 
     targets (B, T) int, logits (B, T, V), weights (B, T, L). With
@@ -328,10 +336,13 @@ def masked_loss(targets, logits, weights, attention_penalty: float, label_smooth
     Xu et al.'s sum_l (1 - sum_t alpha_tl)^2, averaged over locations so its
     weight does not depend on the feature map size. Returns (loss, ce, penalty);
     `ce` is always the plain cross-entropy, so runs with and without smoothing
-    compare.
+    compare. `total_tokens` / `total_rows` divide by a larger batch's non-pad
+    targets and captions instead of this batch's, so that a replica's result is
+    its share of the global batch's loss (captioning.distributed).
     """
     mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (B, T)
-    denominator = tf.maximum(tf.reduce_sum(mask), 1.0)
+    tokens = tf.reduce_sum(mask) if total_tokens is None else total_tokens
+    denominator = tf.maximum(tokens, 1.0)
     token_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     ce = tf.reduce_sum(token_ce * mask) / denominator
     if label_smoothing:
@@ -342,7 +353,11 @@ def masked_loss(targets, logits, weights, attention_penalty: float, label_smooth
     else:
         fit = ce
     coverage = tf.reduce_sum(weights * mask[..., None], axis=1)  # (B, L)
-    penalty = tf.reduce_mean(tf.square(1.0 - coverage))
+    if total_rows is None:
+        penalty = tf.reduce_mean(tf.square(1.0 - coverage))
+    else:
+        locations = tf.cast(tf.shape(coverage)[1], tf.float32)
+        penalty = tf.reduce_sum(tf.square(1.0 - coverage)) / (total_rows * locations)
     return fit + attention_penalty * penalty, ce, penalty
 
 
