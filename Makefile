@@ -70,7 +70,7 @@ bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 
 # --- CI: .github/workflows/ci.yml runs these same targets (docs/ci.md) ---
 CI_DIR := build/ci
 # The CI-sized demo run, as `dvc exp run -S` overrides: a few minutes on a CI runner.
-CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.captions_per_image=5 train.epochs=8 report.num_images=3
+CI_PARAMS ?= data.demo_train_images=400 data.demo_val_images=160 train.captions_per_image=5 train.budget_pairs=16000 train.epoch_pairs=2000 report.num_images=3
 # What the gate compares with: BASE_REF=main (a git revision: `dvc metrics diff`), or
 # BASE_DIR=build/ci/base (metrics.json + train_history.csv that CI recorded for the base commit).
 BASE_REF ?=

@@ -13,6 +13,7 @@ from captioning.config import load_section
 from captioning.features import FeatureStore
 from captioning.model import load_captioner
 from captioning.report import build_report
+from captioning.training import StoppingRule, read_history, still_improving_warning
 
 
 def main() -> None:
@@ -23,10 +24,16 @@ def main() -> None:
     parser.add_argument("--predictions", required=True, help="evaluate's COCO results JSON")
     parser.add_argument("--per-image", required=True, help="evaluate's per-image scores CSV")
     parser.add_argument("--run", required=True, help="JSON naming the training MLflow run")
+    parser.add_argument("--history", required=True, help="train's per-epoch history CSV")
     parser.add_argument("--out", required=True, help="folder for index.html, overlays/, images/")
     args = parser.parse_args()
     report_params = load_section("report")
     evaluate_params = load_section("evaluate")
+    warning = still_improving_warning(
+        StoppingRule.of(load_section("train")), read_history(args.history)
+    )
+    if warning:
+        print(f"report: WARNING training {warning}", file=sys.stderr)
 
     summary = build_report(
         load_captioner(args.model),
@@ -36,6 +43,7 @@ def main() -> None:
         report_params,
         evaluate_params,
         args.out,
+        training_warning=warning,
     )
     # The page must show the captions that were scored; say so loudly if it does not.
     predicted = {

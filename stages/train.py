@@ -3,6 +3,7 @@
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from captioning.distributed import is_chief, train_distributed, trainer
 from captioning.evaluation import references_by_image
 from captioning.features import FeatureStore
 from captioning.text import Vocabulary
-from captioning.training import CaptionSet, save_model, settings_fingerprint
+from captioning.training import (
+    CaptionSet,
+    StoppingRule,
+    read_history,
+    save_model,
+    settings_fingerprint,
+    still_improving_warning,
+)
 
 
 def main() -> None:
@@ -36,13 +44,20 @@ def main() -> None:
 
     uri = tracking.configure(Path.cwd())
     with tracking.server_errors(uri):
-        run, summary = train_in_run(args)
+        run, summary, warning = train_in_run(args)
     shutil.copyfile(Path(args.checkpoints) / "mlflow_run.json", args.run)
     print(f"train: {summary} (MLflow run {run.info.run_id}, {run.info.run_name!r})")
+    if warning:
+        print(f"train: WARNING: {warning}", file=sys.stderr)
 
 
-def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict]:
-    """Fit inside an MLflow run: a killed run is continued, a finished one never reopened."""
+def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict, str | None]:
+    """Fit inside an MLflow run: a killed run is continued, a finished one never reopened.
+
+    Returns the run, the training summary and the still-improving warning
+    (None when the run converged or stopped early), which is also the run's
+    `convergence_warning` tag.
+    """
     repo = Path.cwd()
     tokens, checkpoints = Path(args.tokens), Path(args.checkpoints)
     store = FeatureStore(args.features)
@@ -79,9 +94,13 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict]:
         )
         save_model(model, args.model)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+        warning = still_improving_warning(StoppingRule.of(params), read_history(args.history))
+        mlflow.set_tag("convergence", "still improving" if warning else "converged")
+        if warning:
+            mlflow.set_tag("convergence_warning", warning)
         mlflow.log_artifact(str(tokens / "vocab.json"))
         mlflow.log_artifact(args.history)
-    return run, summary
+    return run, summary, warning
 
 
 def train_as_worker(args: argparse.Namespace) -> dict:

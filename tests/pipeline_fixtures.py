@@ -49,7 +49,8 @@ TINY_PARAMS: dict[str, Any] = {
     "data.demo_val_images": 12,
     "features.batch_size": 8,
     "features.shard_size": 16,
-    "train.epochs": 2,
+    "train.budget_pairs": 32,  # two epochs of one 16-caption step
+    "train.epoch_pairs": 16,
     "train.batch_size": 16,
     "train.units": 32,
     "train.attention_units": 32,

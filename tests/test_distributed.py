@@ -34,11 +34,12 @@ PARAMS = {
     "attention_units": 20,
     "encoder_dim": 12,
     "batch_size": 8,
-    "captions_per_image": 0,  # every caption each epoch: 6 steps of 8
-    "epochs": 2,
+    "captions_per_image": 0,  # every caption each pass: 6 steps of 8
+    "budget_pairs": 96,  # two epochs of one pass
+    "epoch_pairs": 48,
     "learning_rate": 0.01,
     "clip_norm": 0.5,  # acts on these gradients: clipping must see the global gradient
-    "early_stopping_patience": 10,
+    "early_stopping_pairs": 0,  # never stop early
     "jit_compile": False,
     "deterministic": True,
     "val_sample_images": 4,
@@ -203,7 +204,7 @@ def _train_here(data: Path, out: Path, train=None, **params):
     from captioning.text import Vocabulary
     from captioning.training import CaptionSet
 
-    settings = TrainParams(**{**PARAMS, "deterministic": False, "epochs": 1, **params})
+    settings = TrainParams(**{**PARAMS, "deterministic": False, "budget_pairs": 48, **params})
     references = {int(k): v for k, v in json.loads((data / "references.json").read_text()).items()}
     model, _ = (train or trainer(settings))(
         FeatureStore(data / "features"),
@@ -322,7 +323,7 @@ def test_two_workers_train_as_one_process_and_resume_after_a_kill(data, tmp_path
 
     chief, worker = (_weights(out) for out in whole.outs)
     summaries = [_summary(out.with_suffix(".log")) for out in whole.outs]
-    assert summaries[0]["epochs_run"] == summaries[1]["epochs_run"] == PARAMS["epochs"]
+    assert summaries[0]["epochs_run"] == summaries[1]["epochs_run"] == 2
     _assert_close(chief, worker, atol=0.0)
     _assert_close(chief, _weights(tmp_path / "single" / "one"), atol=2e-4)
     assert {p.name for p in whole.outs[0].iterdir()} == {
@@ -384,7 +385,7 @@ def test_train_stage_on_two_workers_writes_outputs_and_mlflow_records_on_the_chi
         ]
     )
     table.to_parquet(tmp_path / "captions.parquet")
-    params = {**PARAMS, "distribute": "multi_worker", "epochs": 1}
+    params = {**PARAMS, "distribute": "multi_worker", "budget_pairs": 48}
     folders = [_stage_workspace(tmp_path / f"worker{i}", params) for i in range(2)]
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}

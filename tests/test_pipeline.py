@@ -161,7 +161,7 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
     assert not missing, f"params not logged: {missing}"
     differ = {k: (v, run.data.params[k]) for k, v in expected.items() if run.data.params[k] != v}
     assert not differ, f"logged params differ from params.yaml (yaml, mlflow): {differ}"
-    assert run.data.params["train.epochs"] == "2"
+    assert run.data.params["train.budget_pairs"] == "32"
 
     for name in ("loss", "val_loss", "val_CIDEr", "val_object_accuracy", "learning_rate"):
         history = client.get_metric_history(run.info.run_id, name)
@@ -381,7 +381,9 @@ def test_experiment_with_overrides(demo):
     project = demo.project
     project.commit_all("baseline: tiny demo reproduced")  # dvc.lock and DVC's .gitignore entries
 
-    done = project.dvc("exp", "run", "-S", "train.learning_rate=0.002", "-S", "train.epochs=1")
+    done = project.dvc(
+        "exp", "run", "-S", "train.learning_rate=0.002", "-S", "train.budget_pairs=16"
+    )
     log = done.stdout + done.stderr
     assert _stages_run(log) == ["evaluate", "register", "report", "train"], log
 
@@ -389,7 +391,7 @@ def test_experiment_with_overrides(demo):
     experiments = _experiments(shown)
     assert len(experiments) == 1, experiments
     ((name, params),) = experiments.items()
-    assert params["train.learning_rate"] == 0.002 and params["train.epochs"] == 1, params
+    assert params["train.learning_rate"] == 0.002 and params["train.budget_pairs"] == 16, params
 
     runs = _runs(project)
     assert len(runs) == 2, [r.info.run_id for r in runs]

@@ -167,7 +167,7 @@ def test_the_pipeline_logs_a_findable_run_to_the_server(pushed, team):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.status == "FINISHED"
     assert run.info.run_name == pushed.commit[:7], run.info.run_name  # params as committed
-    assert "test.CIDEr" in run.data.metrics and "train.epochs" in run.data.params
+    assert "test.CIDEr" in run.data.metrics and "train.budget_pairs" in run.data.params
     (dataset,) = run.inputs.dataset_inputs
     lock = yaml.safe_load((pushed.project.root / "dvc.lock").read_text())
     table_md5 = next(

@@ -24,11 +24,15 @@ from captioning.training import (
     CaptionSet,
     EpochCheckpoint,
     HeldOutLoss,
+    StoppingRule,
+    TrainingBudget,
     caption_arrays,
     caption_batches,
     fit_captioner,
     make_optimizer,
+    read_history,
     steps_per_epoch,
+    still_improving_warning,
     val_sample,
 )
 
@@ -74,10 +78,11 @@ PARAMS = TrainParams(
     attention_units=16,
     encoder_dim=16,
     batch_size=8,
-    captions_per_image=0,  # every caption each epoch: 6 steps of 8
-    epochs=6,
+    captions_per_image=0,  # every caption each pass: 6 steps of 8
+    budget_pairs=288,  # six epochs of 48 pairs
+    epoch_pairs=48,
     learning_rate=1e-2,
-    early_stopping_patience=10,
+    early_stopping_pairs=0,  # never stop early
     jit_compile=False,
     val_sample_images=4,
     label_smoothing=0.0,  # the plain objective: these tests' training budgets assume it
@@ -137,7 +142,9 @@ def test_val_cider_selection_needs_references(data, tmp_path):
 
 
 def test_constant_rate_and_val_loss_selection(data, tmp_path):
-    params = dataclasses.replace(PARAMS, lr_schedule="constant", select_by="val_loss", epochs=3)
+    params = dataclasses.replace(
+        PARAMS, lr_schedule="constant", select_by="val_loss", budget_pairs=144
+    )
     _, summary = _fit(data, tmp_path, params)
     history = pd.read_csv(tmp_path / "history.csv")
     assert np.allclose(history.learning_rate, params.learning_rate)
@@ -146,7 +153,7 @@ def test_constant_rate_and_val_loss_selection(data, tmp_path):
 
 
 def test_make_optimizer_clips_the_global_norm():
-    optimizer = make_optimizer(dataclasses.replace(PARAMS, clip_norm=1.0), steps_per_epoch=5)
+    optimizer = make_optimizer(dataclasses.replace(PARAMS, clip_norm=1.0), total_steps=5)
     variable = keras.Variable(np.zeros(3, np.float32))
     optimizer.build([variable])
     optimizer.apply_gradients([(np.array([300.0, 400.0, 0.0], np.float32), variable)])
@@ -159,21 +166,76 @@ def test_make_optimizer_clips_the_global_norm():
     assert unclipped.global_clipnorm is None
 
 
-def test_early_stopping_on_a_maximised_metric(tmp_path):
-    class Model:
-        stop_training = False
+class _WeightlessModel:
+    """What EpochCheckpoint needs of a model: weights to save, an optimiser, a stop flag."""
 
-        def save_weights(self, path):
-            open(path, "w").close()
+    stop_training = False
 
-    checkpoint = EpochCheckpoint(tmp_path, tmp_path / "h.csv", "x", patience=2, monitor="val_CIDEr")
-    checkpoint.set_model(Model())
-    checkpoint.model.optimizer = keras.optimizers.Adam()
-    checkpoint.model.optimizer.build([keras.Variable(np.zeros(1, np.float32))])
-    for epoch, cider in enumerate([0.5, 0.9, 0.8, 0.85]):
-        checkpoint.on_epoch_end(epoch, {"val_CIDEr": cider, "loss": 1.0})
-    assert checkpoint.state["best_epoch"] == 2 and checkpoint.state["best"] == 0.9
-    assert checkpoint.model.stop_training  # two epochs without beating 0.9
+    def __init__(self):
+        self.optimizer = keras.optimizers.Adam()
+        self.optimizer.build([keras.Variable(np.zeros(1, np.float32))])
+
+    def save_weights(self, path):
+        open(path, "w").close()
+
+
+def _checkpoint_over(tmp_path, values, **rule) -> EpochCheckpoint:
+    """An EpochCheckpoint fed `values` of val_CIDEr, one epoch of 100 pairs each, until it stops."""
+    budget = TrainingBudget(
+        pairs_per_step=10, steps_per_epoch=10, epochs=len(values), steps_per_pass=5
+    )
+    checkpoint = EpochCheckpoint(
+        tmp_path, tmp_path / "h.csv", "x", StoppingRule("val_CIDEr", **rule), budget
+    )
+    checkpoint.set_model(_WeightlessModel())
+    for epoch, value in enumerate(values):
+        checkpoint.on_epoch_end(epoch, {"val_CIDEr": value, "loss": 1.0})
+        if checkpoint.model.stop_training:
+            break
+    return checkpoint
+
+
+def test_early_stopping_counts_pairs_without_improvement_of_the_smoothed_metric(tmp_path):
+    # Raw values: one lucky epoch (0.9) then a noisy level; the 2-epoch mean peaks at epoch 4.
+    values = [0.5, 0.9, 0.6, 0.85, 0.7, 0.8, 0.7, 0.75, 0.7]
+    checkpoint = _checkpoint_over(
+        tmp_path, values, smoothing_epochs=2, min_delta=0.0, patience_pairs=300
+    )
+    state = checkpoint.state
+    assert state["best_epoch"] == 2 and state["best"] == 0.9  # best single value is kept
+    # Means: .5 .7 .75 .725 .775 .75 .75 .725: best at epoch 5, three epochs (300 pairs) later stop.
+    assert state["stopped"] and state["epoch"] == 8
+    history = pd.read_csv(tmp_path / "h.csv")
+    assert list(history.pairs_seen) == [100 * e for e in range(1, 9)]
+    assert history.val_CIDEr_smoothed.iloc[4] == pytest.approx(0.775)
+    summary = checkpoint.summary(0)
+    assert summary["stopped_early"] and not summary["still_improving"]
+    assert summary["pairs_seen"] == 800
+    # Without smoothing the same values stop after the lucky epoch's patience runs out.
+    raw = _checkpoint_over(tmp_path / "raw", values, patience_pairs=300)
+    assert raw.state["stopped"] and raw.state["epoch"] == 5
+
+
+@pytest.mark.parametrize(
+    ("values", "improving"),
+    [
+        ([0.5, 0.9, 1.2, 1.4, 1.5], True),  # rising to the end
+        ([0.5, 0.9, 1.2, 1.2, 1.205], False),  # last gain below min_delta: levelled off
+        ([0.5, 1.3, 1.2, 1.25, 1.22], False),  # best long before the end, noise since
+        ([0.5, 1.3, 1.2, 1.1, 1.5], True),  # a late rise past the best: still learning
+        ([0.5], False),  # one epoch says nothing
+    ],
+)
+def test_still_improving_warning_appears_only_when_the_last_epoch_improved(
+    tmp_path, values, improving
+):
+    checkpoint = _checkpoint_over(tmp_path, values, smoothing_epochs=1, min_delta=0.01)
+    assert checkpoint.summary(0)["still_improving"] is improving
+    warning = still_improving_warning(checkpoint.rule, read_history(tmp_path / "h.csv"))
+    assert (warning is not None) is improving
+    if improving:
+        assert f"at the last epoch ({len(values)}, {100 * len(values)} caption pairs" in warning
+        assert "raise train.budget_pairs" in warning
 
 
 def test_val_sample_is_fixed_and_seeded():

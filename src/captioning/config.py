@@ -115,15 +115,24 @@ class TrainParams:
     transformer_ff: int = 512  # feed-forward inner width
     transformer_dropout: float = 0.1  # residual and embedding dropout, the usual 0.1
     batch_size: int = 64  # caption pairs per step (the tutorial's); whole images when K > 1
-    # K: an epoch is every image once with K of its captions, drawn afresh each
-    # epoch, in image-major batches that share one encoder pass (0: every caption,
-    # the tutorial's epoch). The model overfits the pictures long before it has
-    # seen every wording, so more images beat more captions per image.
+    # K: a pass over the data is every image once with K of its captions, in
+    # image-major batches that share one encoder pass (0: every caption, the
+    # tutorial's epoch). Each image cycles through all its captions, K per pass,
+    # in a fresh order each cycle, so the budget decides how many of the ~5
+    # references training sees. More images beat more captions per image.
     captions_per_image: int = 1
-    # With K=1 and the cosine schedule, the default run fits in 15 minutes on 2 cores.
-    epochs: int = 15
+    # The training budget in caption pairs (an image with one of its captions),
+    # whatever the data set's size: the cosine schedule decays over it, and a
+    # 500-image data set gets as many updates as an 8,000-image one. Chosen by
+    # measurement on demo sets of three sizes (docs/experiments.md, "Training
+    # budget"); docs/model.md says how to size it for COCO and Flickr.
+    budget_pairs: int = 60000
+    # An epoch here is this many pairs, not a pass over the data: the period of the
+    # val figures, the checkpoint and the early-stopping check (about 2 s of val
+    # captioning each on 2 cores), the same on every data set.
+    epoch_pairs: int = 3000
     learning_rate: float = 1e-3  # the tutorial's Adam rate; 2e-3 and 3e-3 trailed it
-    # Decay over `epochs` (cosine down to lr_min_fraction * learning_rate) or constant.
+    # Decay over the whole budget (cosine down to lr_min_fraction * learning_rate) or constant.
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_min_fraction: float = 0.02
     clip_norm: float = 5.0  # global gradient-norm clipping; 0 turns it off
@@ -141,7 +150,17 @@ class TrainParams:
     # it guesses which of five wordings a reference used).
     select_by: Literal["val_CIDEr", "val_loss"] = "val_CIDEr"
     val_sample_images: int = 120  # val images captioned after every epoch for val_CIDEr
-    early_stopping_patience: int = 3
+    # Early stopping reads the selection metric averaged over the last
+    # `smoothing_epochs` epochs: on 120 val images val CIDEr moves by a few
+    # tenths from one epoch to the next, and one low epoch must not stop a run
+    # that is still learning (nor one lucky epoch make it look finished). It
+    # stops when that average has not improved by more than `min_delta` for
+    # `early_stopping_pairs` caption pairs. The best checkpoint is the epoch
+    # with the best single value. A run whose average is best at its last epoch
+    # ends with a "still improving" warning: give it a larger budget.
+    smoothing_epochs: int = 3
+    min_delta: float = 0.01  # in the selection metric's units (CIDEr, or loss for val_loss)
+    early_stopping_pairs: int = 15000  # 0: never stop early
     seed: int = 42
     jit_compile: bool = True  # XLA-compile the whole-sequence train step (about 4x faster on CPU)
     deterministic: bool = False  # TF op determinism: bit-identical reruns, about 3x slower steps
@@ -261,12 +280,24 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{section}.{key}: unsupported annotation {annotation!r}")
 
 
+# Keys earlier versions had, and what replaced them.
+REPLACED = {
+    ("train", "epochs"): "the training budget is train.budget_pairs (caption pairs, "
+    "whatever the data size; an epoch is train.epoch_pairs pairs)",
+    ("train", "early_stopping_patience"): "patience is train.early_stopping_pairs "
+    "(caption pairs without improvement of the smoothed val metric)",
+}
+
+
 def from_dict(cls: type[T], section: str, raw: dict[str, Any] | None) -> T:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types fail."""
     raw = dict(raw or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    for key in unknown:
+        if (section, key) in REPLACED:
+            raise ConfigError(f"{section}.{key} is gone: {REPLACED[section, key]}")
     if unknown:
         raise ConfigError(
             f"unknown key(s) in params section '{section}': {unknown}; known: {sorted(names)}"

@@ -11,8 +11,9 @@ loss (`captioning.model.masked_loss`): token sums over the global batch's
 token count, the attention penalty over the global batch's rows, so the
 summed gradients, the clipping and the update are one device's on the same
 global batch, whatever the replica count. Every input pipeline builds the same
-global batch plan (training's `BatchPlan`, seeded by epoch) and reads only its
-replicas' slices of each batch, so each caption pair is seen once per epoch.
+global batch plan (training's `BatchPlan` stream, by global step) and reads
+only its replicas' slices of each batch, so each caption pair is seen once per
+pass over the data, as on one device.
 Only the chief validates, checkpoints, and writes the model, the history and
 what the callbacks record; it broadcasts its checkpoint at the start and its
 early-stopping decision after each epoch, so a checkpoint written with N
@@ -26,7 +27,6 @@ float32 copy.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -45,16 +45,16 @@ from captioning.training import (
     CaptionSet,
     EpochCheckpoint,
     LearningRateLog,
-    _epoch_scorers,
-    _resume_state,
-    _write_history,
-    code_fingerprint,
+    StoppingRule,
+    TrainingBudget,
     compiled_captioner,
+    epoch_scorers,
+    finished,
     fit_captioner,
     make_optimizer,
-    settings_fingerprint,
-    steps_per_epoch,
-    store_fingerprint,
+    resume_state,
+    run_fingerprint,
+    write_history,
 )
 
 # The train logs, named and ordered as Keras' `fit` logs them: the history CSVs match.
@@ -143,8 +143,8 @@ class ShardedBatches:
                 f"over {num_replicas} replicas: choose train.batch_size accordingly"
             )
 
-    def dataset(self, context: tf.distribute.InputContext, first_epoch: int) -> tf.data.Dataset:
-        """Endless batches of this input pipeline from `first_epoch` on (distribute_datasets_from_function)."""
+    def dataset(self, context: tf.distribute.InputContext, start_step: int) -> tf.data.Dataset:
+        """Endless batches of this input pipeline from global step `start_step` on (distribute_datasets_from_function)."""
         local = self.num_replicas // context.num_input_pipelines
         slices = range(context.input_pipeline_id * local, (context.input_pipeline_id + 1) * local)
         num_loc, feat_dim = self.store.feature_shape
@@ -157,9 +157,8 @@ class ShardedBatches:
         )
 
         def elements():
-            for epoch in itertools.count(first_epoch):
-                for units, rows in self.plan.epoch(self.seed, epoch):
-                    yield from self.slices(units, rows, slices)
+            for units, rows in self.plan.stream(self.seed, start_step):
+                yield from self.slices(units, rows, slices)
 
         return tf.data.Dataset.from_generator(elements, output_signature=signature).prefetch(2)
 
@@ -198,9 +197,9 @@ class SummedGradientsAdam(keras.optimizers.Adam):
         return list(grads_and_vars)
 
 
-def distributed_optimizer(params: TrainParams, steps: int) -> keras.optimizers.Optimizer:
-    """`make_optimizer`'s Adam (schedule, clipping), loss-scaled for float16."""
-    adam = SummedGradientsAdam.from_config(make_optimizer(params, steps).get_config())
+def distributed_optimizer(params: TrainParams, total_steps: int) -> keras.optimizers.Optimizer:
+    """`make_optimizer`'s Adam (schedule over `total_steps`, clipping), loss-scaled for float16."""
+    adam = SummedGradientsAdam.from_config(make_optimizer(params, total_steps).get_config())
     if params.precision == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(adam)
     return adam
@@ -288,7 +287,7 @@ class _Run:
     model: Captioner  # trained, its variables mirrored over the replicas
     reference: Captioner  # float32 copy outside the strategy: validation, checkpoints, output
     optimizer: keras.optimizers.Optimizer
-    steps: int
+    budget: TrainingBudget
 
 
 def train_distributed(
@@ -316,33 +315,30 @@ def train_distributed(
     if params.select_by == "val_CIDEr" and not val_references:
         raise ValueError("train.select_by=val_CIDEr needs the val references (val_references)")
     run = _build(store, vocabulary, train, params, extractor, strategy)
-    fingerprint = settings_fingerprint(
-        # The strategy is not part of the run's identity: N workers resume on M.
-        dataclasses.asdict(dataclasses.replace(params, distribute="none")), extractor,
-        vocabulary.words, len(train), len(val), store_fingerprint(store),
-        sorted(val_references or {}), val_objects is not None, code_fingerprint(),
-    )  # fmt: skip
+    fingerprint = run_fingerprint(
+        params, extractor, vocabulary, train, val, store, val_references, val_objects
+    )
     checkpoint = EpochCheckpoint(
         Path(checkpoint_dir),
         Path(history_csv),
         fingerprint,
-        params.early_stopping_patience,
-        _resume_state(Path(checkpoint_dir), fingerprint) if run.chief else None,
-        monitor=params.select_by,
+        StoppingRule.of(params),
+        run.budget,
+        resume_state(Path(checkpoint_dir), fingerprint) if run.chief else None,
     )
-    initial_epoch, finished = _restore_on_every_worker(run, checkpoint, params, on_resume)
+    initial_epoch, done = _restore_on_every_worker(run, checkpoint, on_resume)
     chief_callbacks = []
     if run.chief:
-        scorers = _epoch_scorers(store, val, params, val_references, val_objects)
+        scorers = epoch_scorers(store, val, params, val_references, val_objects)
         chief_callbacks = _chief_callbacks(run, scorers, checkpoint, callbacks)
     last_epoch = initial_epoch
-    if not finished:
+    if not done:
         batches = ShardedBatches(store, train, params, run.strategy.num_replicas_in_sync)
         data = run.strategy.distribute_datasets_from_function(
-            lambda context: batches.dataset(context, initial_epoch)
+            lambda context: batches.dataset(context, initial_epoch * run.budget.steps_per_epoch)
         )
         last_epoch = _epochs(run, iter(data), params, initial_epoch, chief_callbacks, checkpoint)
-    result = _finish(run, checkpoint, params, history_csv, initial_epoch, last_epoch)
+    result = _finish(run, checkpoint, history_csv, initial_epoch, last_epoch)
     # Leave together: a worker that exits while the chief still writes is reported
     # by the chief's coordination service as a crashed task.
     broadcast_from_chief(run.strategy, [0.0])
@@ -362,7 +358,8 @@ def _build(
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
-    steps = steps_per_epoch(train, params.batch_size, params.captions_per_image or None)
+    budget = TrainingBudget.of(params, train)
+    steps = budget.total_steps
     reference = compiled_captioner(store, vocabulary, params, extractor, steps)
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(params.precision)
@@ -373,7 +370,7 @@ def _build(
             optimizer.build(model.trainable_variables)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    run = _Run(strategy, is_chief(params.distribute), model, reference, optimizer, steps)
+    run = _Run(strategy, is_chief(params.distribute), model, reference, optimizer, budget)
     role = "chief" if run.chief else "worker"
     print(
         f"train: {params.distribute} on {strategy.num_replicas_in_sync} replicas, "
@@ -398,9 +395,7 @@ def _chief_callbacks(
     return [*scorers, checkpoint, *callbacks]
 
 
-def _restore_on_every_worker(
-    run: _Run, checkpoint: EpochCheckpoint, params: TrainParams, on_resume
-) -> tuple[int, bool]:
+def _restore_on_every_worker(run: _Run, checkpoint: EpochCheckpoint, on_resume) -> tuple[int, bool]:
     """Load the chief's checkpoint (if any) into every replica; (epoch to start at, finished)."""
     variables = run.model.weights
     slots = run.optimizer.variables
@@ -415,14 +410,13 @@ def _restore_on_every_worker(
         if len(saved_slots) != len(slots):
             raise ValueError(f"{directory}: optimiser state does not match the model")
         values = [v.numpy() for v in run.reference.weights] + saved_slots
-        stopped = state["wait"] >= params.early_stopping_patience
-        position = [float(state["epoch"]), float(state["epoch"] >= params.epochs or stopped)]
+        position = [float(state["epoch"]), float(finished(state, run.budget))]
         if on_resume:
             on_resume(state["epoch"])
-    *values, epoch, finished = broadcast_from_chief(run.strategy, [*values, *position])
+    *values, epoch, done = broadcast_from_chief(run.strategy, [*values, *position])
     for variable, value in zip([*variables, *slots], values, strict=True):
         variable.assign(value.astype(variable.dtype))
-    return int(epoch), bool(finished)
+    return int(epoch), bool(done)
 
 
 def _epochs(
@@ -439,13 +433,14 @@ def _epochs(
     """
     step = distributed_step(run.strategy, run.model, run.optimizer, params.jit_compile)
     epoch = initial_epoch
-    for epoch in range(initial_epoch, params.epochs):
+    epochs, steps = run.budget.epochs, run.budget.steps_per_epoch
+    for epoch in range(initial_epoch, epochs):
         totals = np.zeros(len(FIGURES))
-        for index in range(run.steps):
+        for index in range(steps):
             totals += step(iterator).numpy()
             for callback in callbacks:
                 callback.on_train_batch_end(index)
-        logs = dict(zip(FIGURES, (totals / run.steps).tolist(), strict=True))
+        logs = dict(zip(FIGURES, (totals / steps).tolist(), strict=True))
         stop = 0.0
         if run.chief:
             run.reference.set_weights(run.model.get_weights())
@@ -453,7 +448,7 @@ def _epochs(
             for callback in callbacks:
                 callback.on_epoch_end(epoch, logs)
             stop = float(checkpoint.model.stop_training)
-            print(f"epoch {epoch + 1}/{params.epochs}: " + ", ".join(
+            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{name} {value:.4f}" for name, value in logs.items()
             ), flush=True)  # fmt: skip
         if broadcast_from_chief(run.strategy, [stop])[0]:
@@ -464,21 +459,17 @@ def _epochs(
 def _finish(
     run: _Run,
     checkpoint: EpochCheckpoint,
-    params: TrainParams,
     history_csv: str | Path,
     initial_epoch: int,
     last_epoch: int,
 ) -> tuple[Captioner, dict]:
     """The chief's best model and the run's summary (a worker's: its last weights)."""
     if run.chief:
-        _write_history(history_csv, checkpoint.state["history"])
+        write_history(history_csv, checkpoint.state["history"])
         run.reference.load_weights(checkpoint.directory / "best.weights.h5")
     else:
         run.reference.set_weights(run.model.get_weights())
-    summary = {
-        "epochs_run": checkpoint.state["epoch"] if run.chief else last_epoch,
-        "best_epoch": checkpoint.state["best_epoch"],
-        f"best_{params.select_by}": checkpoint.state["best"],
-        "resumed_from_epoch": initial_epoch,
-    }
+    summary = checkpoint.summary(initial_epoch)
+    if not run.chief:
+        summary.update(epochs_run=last_epoch, pairs_seen=run.budget.pairs_seen(last_epoch))
     return run.reference, summary

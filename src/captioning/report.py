@@ -246,6 +246,7 @@ def _decode_like_evaluate(
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 72em; color: #222; }
 h1, h2 { border-bottom: 1px solid #ccc; }
+.warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em; }
 section.image { margin: 1.5em 0; padding-bottom: 1em; border-bottom: 1px dashed #ddd; }
 .row { display: flex; gap: 1.5em; align-items: flex-start; }
 .caption { font-size: 1.15em; }
@@ -320,8 +321,13 @@ def render_index(
     report: ReportParams,
     evaluate: EvaluateParams,
     decoder: str = "gru",
+    training_warning: str | None = None,
 ) -> str:
-    """The whole page as one string: sample sections, then best and worst galleries."""
+    """The whole page as one string: sample sections, then best and worst galleries.
+
+    `training_warning` (the train stage's still-improving warning) is shown
+    above everything else.
+    """
     settings = html.escape(
         f"split={evaluate.split}, decoder={evaluate.decoder}, beam_size={evaluate.beam_size}, "
         f"length_penalty={evaluate.length_penalty}, "
@@ -334,6 +340,13 @@ def render_index(
         "<title>Attention report</title>",
         f"<style>{_CSS}</style>\n<script>{_SCRIPT}</script>\n</head>\n<body>",
         "<h1>Attention report</h1>",
+        *(
+            [
+                f'<p class="warning"><strong>Training warning:</strong> {html.escape(training_warning)}</p>'
+            ]
+            if training_warning
+            else []
+        ),
         f"<p>{settings}. Each overlay panel is one generated word: "
         f"{ATTENTION_SOURCE.get(decoder, 'its attention')}; brighter = more attention.</p>",
         '<p><a href="#sample">Sample</a> &middot; <a href="#best">Best by CIDEr</a> '
@@ -405,6 +418,7 @@ def build_report(
     report_params: ReportParams,
     evaluate_params: EvaluateParams,
     out_dir: str | Path,
+    training_warning: str | None = None,
 ) -> dict:
     """Write `out_dir/{index.html, overlays/<id>.png, images/<id>.jpg}`; returns a summary.
 
@@ -433,8 +447,9 @@ def build_report(
         for image_id, entry in entries.items():
             _draw_image(paths[image_id], entry, staged)
         page = render_index(
-            entries, selection, report_params, evaluate_params, model.model_config.decoder
-        )
+            entries, selection, report_params, evaluate_params, model.model_config.decoder,
+            training_warning,
+        )  # fmt: skip
         (staged / "index.html").write_text(page, "utf-8")
     index = out / "index.html"
     return {

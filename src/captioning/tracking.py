@@ -254,8 +254,13 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's Keras metrics (loss, val_loss, ...) to the active MLflow run."""
+    """Logs each epoch's Keras metrics (loss, val_loss, ...) to the active MLflow run.
+
+    The step is the caption pairs seen so far (`pairs_seen`, which the
+    checkpoint callback adds before this one runs), so runs on data sets of
+    different sizes, or with different epoch lengths, line up in the MLflow UI.
+    """
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in (logs or {}).items()}
-        mlflow.log_metrics(metrics, step=epoch + 1)
+        mlflow.log_metrics(metrics, step=int(metrics.get("pairs_seen", epoch + 1)))

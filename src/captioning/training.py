@@ -20,7 +20,7 @@ import hashlib
 import io
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import keras
@@ -71,12 +71,7 @@ def caption_batches(
     Each new iterator continues with the next epochs (a new shuffle), as
     iterating a Keras dataset once per epoch expects.
     """
-    num_loc, feat_dim = store.feature_shape
-    token_shape = (None, captions_per_image, None) if captions_per_image else (None, None)
-    signature = (
-        tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
-        tf.TensorSpec(token_shape, tf.int32),
-    )
+    signature = _batch_signature(store, captions_per_image)
     first_epochs = itertools.count(epoch_offset, epochs or 0)  # of each iterator, in turn
 
     def one_iterator():
@@ -86,6 +81,28 @@ def caption_batches(
         )
 
     return tf.data.Dataset.from_generator(one_iterator, output_signature=signature).prefetch(2)
+
+
+def training_batches(
+    store: FeatureStore, plan: BatchPlan, seed: int, start_step: int = 0
+) -> tf.data.Dataset:
+    """The endless training stream from global step `start_step` (`BatchPlan.stream`), prefetched."""
+
+    def batches():
+        for units, rows in plan.stream(seed, start_step):
+            yield plan.read(store, units, rows)
+
+    signature = _batch_signature(store, plan.k)
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+
+
+def _batch_signature(store: FeatureStore, captions_per_image: int | None) -> tuple:
+    num_loc, feat_dim = store.feature_shape
+    token_shape = (None, captions_per_image, None) if captions_per_image else (None, None)
+    return (
+        tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
+        tf.TensorSpec(token_shape, tf.int32),
+    )
 
 
 def caption_arrays(
@@ -140,24 +157,52 @@ class BatchPlan:
         self.k = captions_per_image or None
         self.lengths = (np.asarray(captions.tokens) != PAD_ID).sum(axis=1)  # (M,) one pass, small
         if self.k:
-            self.images, self.first_row, counts = np.unique(
-                captions.image_ids, return_index=True, return_counts=True
+            self.images, self.first_row, self.image_of_row, self.counts = np.unique(
+                captions.image_ids, return_index=True, return_inverse=True, return_counts=True
             )
             order = np.argsort(captions.image_ids, kind="stable")
-            self.rows_by_image = np.split(order, np.cumsum(counts)[:-1])
+            self.rows_by_image = np.split(order, np.cumsum(self.counts)[:-1])
+            self.block_start = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
             self.per_batch = max(1, round(batch_size / self.k))
         else:
             self.per_batch = batch_size
+        self._cycles: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def units(self) -> int:
         return len(self.images) if self.k else len(self.captions)
 
+    @property
+    def steps_per_pass(self) -> int:
+        """Batches in one shuffled pass (full batches only, or one short batch of everything)."""
+        return max(1, self.units // self.per_batch)
+
+    @property
+    def pairs_per_step(self) -> int:
+        """Caption pairs in one training batch."""
+        return min(self.per_batch, self.units) * (self.k or 1)
+
     def epoch(self, seed: int | None, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(units, rows) of every batch of `epoch`: shuffled by (seed, epoch), or in order."""
+        """(units, rows) of every batch of pass `epoch`: shuffled by (seed, epoch), or in order.
+
+        With K captions per image, pass p gives each image its captions number
+        pK .. pK+K-1 of a cycle through all of them (a new order each cycle),
+        so over the passes every caption is used equally often.
+        """
         if seed is None:
-            return [(units, self._rows(units, None)) for units in self._in_order()]
-        return self._shuffled(np.random.default_rng([seed, epoch]))
+            return [(units, self._rows(units)) for units in self._in_order()]
+        return self._shuffled(np.random.default_rng([seed, epoch]), seed, epoch)
+
+    def stream(self, seed: int, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(units, rows) of every training batch from global step `start_step` on, endlessly.
+
+        Step s is batch s % steps_per_pass of pass s // steps_per_pass, so a run
+        resumed at any step sees the batches an uninterrupted one would.
+        """
+        first, skip = divmod(start_step, self.steps_per_pass)
+        for number in itertools.count(first):
+            yield from self.epoch(seed, number)[skip:]
+            skip = 0
 
     def read(self, store: FeatureStore, units: np.ndarray, rows: np.ndarray):
         """(features, tokens) of one batch, tokens cut to the batch's longest caption."""
@@ -176,42 +221,91 @@ class BatchPlan:
             order = order[np.argsort(self.first_row, kind="stable")]
         return [order[i : i + self.per_batch] for i in range(0, len(order), self.per_batch)]
 
-    def _shuffled(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _shuffled(
+        self, rng: np.random.Generator, seed: int, number: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         order = np.arange(self.units)
         rng.shuffle(order)
         if not self.k:
             batches = _length_buckets(order, self.lengths, self.per_batch, rng)
-            return [(units, self._rows(units, None)) for units in batches]
-        # Choose this epoch's K captions per image first, then group images by the
+            return [(units, self._rows(units)) for units in batches]
+        # Take this pass's K captions per image first, then group images by the
         # length of those captions: a batch is cut to its longest row.
-        picked = np.empty((self.units, self.k), dtype=np.int64)
-        picked[order] = self._rows(order, rng)  # (units, K), indexed by image
+        picked = self._cycled(seed, number)  # (units, K), indexed by image
         batches = _length_buckets(order, self.lengths[picked].max(axis=1), self.per_batch, rng)
         return [(units, picked[units]) for units in batches]
 
-    def _rows(self, units: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        """Caption rows of `units`: (B,) sorted captions, or (n, K) captions per image."""
+    def _cycled(self, seed: int, number: int) -> np.ndarray:
+        """(images, K) caption rows of pass `number`: positions number*K + j of each image's cycle."""
+        picked = np.empty((self.units, self.k), dtype=np.int64)
+        for j in range(self.k):
+            position = number * self.k + j
+            cycle, rank = np.divmod(position, self.counts)  # per image: which cycle, which caption
+            for c in np.unique(cycle):
+                images = np.flatnonzero(cycle == c)
+                order = self._cycle_order(seed, int(c))
+                picked[images, j] = order[self.block_start[images] + rank[images]]
+        return picked
+
+    def _cycle_order(self, seed: int, cycle: int) -> np.ndarray:
+        """All caption rows grouped by image (image order), in cycle `cycle`'s order within each."""
+        key = (seed, cycle)
+        if key not in self._cycles:
+            if len(self._cycles) > 4:
+                self._cycles.clear()
+            shuffle = np.random.default_rng([seed, cycle, 1]).random(len(self.captions))
+            self._cycles[key] = np.lexsort((shuffle, self.image_of_row))
+        return self._cycles[key]
+
+    def _rows(self, units: np.ndarray) -> np.ndarray:
+        """Caption rows of `units` in store order: (B,) sorted captions, or (n, K) per image.
+
+        Per image (validation): its first K captions, repeated when it has fewer.
+        """
         if not self.k:
             return np.sort(units)  # sorted: friendlier to the mmap
-        picked = []
-        for unit in units:
-            rows = self.rows_by_image[unit]
-            if rng is None:  # validation: the first K, cycling when there are fewer
-                picked.append(np.resize(rows, self.k))
-            elif len(rows) >= self.k:
-                picked.append(rng.choice(rows, self.k, replace=False))
-            else:
-                picked.append(np.concatenate([rows, rng.choice(rows, self.k - len(rows))]))
-        return np.stack(picked)
+        return np.stack([np.resize(self.rows_by_image[unit], self.k) for unit in units])
 
 
 def steps_per_epoch(captions: CaptionSet, batch_size: int, captions_per_image: int | None) -> int:
-    """Training batches `caption_batches` makes per epoch (full batches only)."""
-    units, per_batch = len(captions), batch_size
-    if captions_per_image:
-        units = len(np.unique(captions.image_ids))
-        per_batch = max(1, round(batch_size / captions_per_image))
-    return max(1, units // per_batch)
+    """Training batches `caption_batches` makes per pass over the data (full batches only)."""
+    return BatchPlan(captions, batch_size, captions_per_image).steps_per_pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingBudget:
+    """How a budget in caption pairs becomes steps and epochs for one data set.
+
+    An epoch is `steps_per_epoch` steps of `pairs_per_step` pairs (about
+    `train.epoch_pairs`, whatever the data size); `epochs` of them cover
+    `train.budget_pairs`, rounded up to whole epochs. The schedule spans
+    `total_steps`.
+    """
+
+    pairs_per_step: int
+    steps_per_epoch: int
+    epochs: int
+    steps_per_pass: int  # batches in one pass over the data set
+
+    @classmethod
+    def of(cls, params: TrainParams, train: CaptionSet) -> TrainingBudget:
+        plan = BatchPlan(train, params.batch_size, params.captions_per_image or None)
+        per_step = plan.pairs_per_step
+        steps = max(1, round(params.epoch_pairs / per_step))
+        epochs = max(1, -(-params.budget_pairs // (steps * per_step)))
+        return cls(per_step, steps, epochs, plan.steps_per_pass)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def pairs_seen(self, epochs: int) -> int:
+        """Caption pairs trained on after `epochs` epochs."""
+        return epochs * self.steps_per_epoch * self.pairs_per_step
+
+    def passes(self, epochs: int) -> float:
+        """Passes over the data set after `epochs` epochs."""
+        return epochs * self.steps_per_epoch / self.steps_per_pass
 
 
 def _length_buckets(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng) -> list:
@@ -266,13 +360,78 @@ def store_fingerprint(store: FeatureStore) -> str:
     return digest.hexdigest()[:16]
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Per-epoch checkpoint + early stopping on `monitor`, both resumable.
+@dataclasses.dataclass(frozen=True)
+class StoppingRule:
+    """When a run stops early, and when it ends still improving (`train.*` of those names).
 
-    Keeps `last.weights.h5`, `best.weights.h5`, the optimiser variables and a
-    `state.json`; writes are atomic so a kill mid-save leaves the previous
-    epoch's checkpoint intact. `monitor` is a key of the epoch logs; losses are
-    minimised, anything else (val_CIDEr) maximised.
+    Both read the selection metric averaged over the last `smoothing_epochs`
+    epochs. The average improves when it beats its best so far by more than
+    `min_delta`; the run stops after `patience_pairs` caption pairs without
+    an improvement. A run that ends on an improvement was still improving.
+    """
+
+    monitor: str = "val_loss"
+    smoothing_epochs: int = 1
+    min_delta: float = 0.0
+    patience_pairs: int = 0  # 0: never stop early
+
+    @classmethod
+    def of(cls, params: TrainParams) -> StoppingRule:
+        return cls(
+            params.select_by, params.smoothing_epochs, params.min_delta, params.early_stopping_pairs
+        )
+
+    @property
+    def sign(self) -> float:
+        """Losses are minimised, anything else (val_CIDEr) maximised: minimise sign * value."""
+        return 1.0 if self.monitor.endswith("loss") else -1.0
+
+    @property
+    def smoothed_name(self) -> str:
+        return f"{self.monitor}_smoothed"
+
+    def smoothed(self, values: Sequence[float]) -> float:
+        return float(np.mean(values[-self.smoothing_epochs :]))
+
+    def improves(self, value: float, best: float | None, delta: float = 0.0) -> bool:
+        return best is None or self.sign * (best - value) > delta
+
+    def best_smoothed_epoch(self, values: Sequence[float]) -> int:
+        """The epoch (1-based) of the last improvement of the average over `values`."""
+        best, epoch = None, 0
+        for index in range(len(values)):
+            smoothed = self.smoothed(values[: index + 1])
+            if self.improves(smoothed, best, self.min_delta):
+                best, epoch = smoothed, index + 1
+        return epoch
+
+    def still_improving(self, values: Sequence[float]) -> bool:
+        """Whether the last epoch improved the average: the run ended while still learning."""
+        return len(values) > 1 and self.best_smoothed_epoch(values) == len(values)
+
+
+def still_improving_warning(rule: StoppingRule, history: Sequence[dict]) -> str | None:
+    """The warning a run gets when it ended still improving (None when it converged or stopped)."""
+    values = [float(row[rule.monitor]) for row in history if rule.monitor in row]
+    if not rule.still_improving(values):
+        return None
+    last = history[-1]
+    return (
+        f"still improving: {rule.monitor} averaged over the last {rule.smoothing_epochs} "
+        f"epochs was best at the last epoch ({last['epoch']}, {int(last['pairs_seen'])} caption "
+        f"pairs; {rule.smoothed(values):.4g} > every earlier average by more than "
+        f"{rule.min_delta:g}). The model had not converged: raise train.budget_pairs."
+    )
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Per-epoch checkpoint + early stopping by `rule`, both resumable.
+
+    Keeps `last.weights.h5`, `best.weights.h5` (the epoch with the best single
+    value of the monitored metric), the optimiser variables and a `state.json`
+    with the history; writes are atomic so a kill mid-save leaves the previous
+    epoch's checkpoint intact. Adds `pairs_seen` and the smoothed metric to the
+    epoch logs (so the MLflow logger after it records them).
     """
 
     def __init__(
@@ -280,49 +439,67 @@ class EpochCheckpoint(keras.callbacks.Callback):
         directory: Path,
         history_csv: Path,
         fingerprint: str,
-        patience: int,
+        rule: StoppingRule,
+        budget: TrainingBudget,
         state: dict | None = None,
-        monitor: str = "val_loss",
     ):
         super().__init__()
         self.directory = Path(directory)
         self.history_csv = Path(history_csv)
         self.fingerprint = fingerprint
-        self.patience = patience
-        self.monitor = monitor
-        self.sign = 1.0 if monitor.endswith("loss") else -1.0  # minimise sign * value
+        self.rule = rule
+        self.budget = budget
         self.state = state or {
             "epoch": 0,
-            "monitor": monitor,
+            "monitor": rule.monitor,
             "best": None,
             "best_epoch": 0,
-            "wait": 0,
+            "stopped": False,
             "history": [],
         }
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        if self.monitor not in logs:
-            raise KeyError(f"early stopping monitors {self.monitor!r}, not in {sorted(logs)}")
-        value = float(logs[self.monitor])
+        logs = logs if logs is not None else {}
+        rule = self.rule
+        if rule.monitor not in logs:
+            raise KeyError(f"early stopping monitors {rule.monitor!r}, not in {sorted(logs)}")
+        value = float(logs[rule.monitor])
         self.directory.mkdir(parents=True, exist_ok=True)
-        best = self.state["best"]
-        if best is None or self.sign * value < self.sign * best:
-            self.state.update(best=value, best_epoch=epoch + 1, wait=0)
+        if rule.improves(value, self.state["best"]):
+            self.state.update(best=value, best_epoch=epoch + 1)
             _save_weights(self.model, self.directory / "best.weights.h5")
-        else:
-            self.state["wait"] += 1
         _save_weights(self.model, self.directory / "last.weights.h5")
         _save_optimizer(self.model.optimizer, self.directory / "optimizer.npz")
+        values = [row[rule.monitor] for row in self.state["history"]] + [value]
+        logs["pairs_seen"] = self.budget.pairs_seen(epoch + 1)
+        logs["passes"] = self.budget.passes(epoch + 1)
+        logs[rule.smoothed_name] = rule.smoothed(values)
+        waited = self.budget.pairs_seen(epoch + 1 - rule.best_smoothed_epoch(values))
+        self.state["stopped"] = bool(rule.patience_pairs) and waited >= rule.patience_pairs
         self.state["epoch"] = epoch + 1
-        self.state["history"].append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
-        _write_history(self.history_csv, self.state["history"])
+        row = {k: float(v) for k, v in logs.items()}
+        self.state["history"].append({"epoch": epoch + 1, **row})
+        write_history(self.history_csv, self.state["history"])
         atomic_write(
             self.directory / "state.json",
             json.dumps({**self.state, "fingerprint": self.fingerprint}, indent=2),
         )
-        if self.state["wait"] >= self.patience:
+        if self.state["stopped"]:
             self.model.stop_training = True
+
+    def summary(self, initial_epoch: int) -> dict:
+        """What the run did: epochs, pairs, the best epoch, whether it stopped or was still improving."""
+        state, rule = self.state, self.rule
+        values = [row[rule.monitor] for row in state["history"]]
+        return {
+            "epochs_run": state["epoch"],
+            "pairs_seen": self.budget.pairs_seen(state["epoch"]),
+            "best_epoch": state["best_epoch"],
+            f"best_{rule.monitor}": state["best"],
+            "stopped_early": state["stopped"],
+            "still_improving": not state["stopped"] and rule.still_improving(values),
+            "resumed_from_epoch": initial_epoch,
+        }
 
 
 class HeldOutLoss(keras.callbacks.Callback):
@@ -418,14 +595,16 @@ def val_sample(val: CaptionSet, size: int, seed: int) -> np.ndarray:
     return ids
 
 
-def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with the scheduled learning rate and global-norm gradient clipping of `params`."""
+def make_optimizer(params: TrainParams, total_steps: int) -> keras.optimizers.Optimizer:
+    """Adam with the scheduled learning rate and global-norm gradient clipping of `params`.
+
+    `total_steps`: the steps of the whole budget (`TrainingBudget.total_steps`),
+    which the cosine schedule spans.
+    """
     rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
     if params.lr_schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(
-            params.learning_rate,
-            decay_steps=max(1, params.epochs * steps_per_epoch),
-            alpha=params.lr_min_fraction,
+            params.learning_rate, decay_steps=max(1, total_steps), alpha=params.lr_min_fraction
         )
     return keras.optimizers.Adam(rate, global_clipnorm=params.clip_norm or None)
 
@@ -458,45 +637,51 @@ def fit_captioner(
     if params.deterministic:
         # Bit-identical reruns, at about 3x the step time under XLA on CPU.
         tf.config.experimental.enable_op_determinism()
-    k = params.captions_per_image or None
-    steps = steps_per_epoch(train, params.batch_size, k)
-    model = compiled_captioner(store, vocabulary, params, extractor, steps)
+    budget = TrainingBudget.of(params, train)
+    model = compiled_captioner(store, vocabulary, params, extractor, budget.total_steps)
 
     checkpoint_dir = Path(checkpoint_dir)
-    fingerprint = settings_fingerprint(
-        dataclasses.asdict(params), extractor, vocabulary.words, len(train), len(val),
-        store_fingerprint(store), sorted(val_references or {}), val_objects is not None,
-        code_fingerprint(),
-    )  # fmt: skip
-    state = _resume_state(checkpoint_dir, fingerprint)
+    fingerprint = run_fingerprint(
+        params, extractor, vocabulary, train, val, store, val_references, val_objects
+    )
+    state = resume_state(checkpoint_dir, fingerprint)
     initial_epoch = _restore_checkpoint(model, checkpoint_dir, state, on_resume)
     checkpoint = EpochCheckpoint(
-        checkpoint_dir,
-        Path(history_csv),
-        fingerprint,
-        params.early_stopping_patience,
-        state,
-        monitor=params.select_by,
+        checkpoint_dir, Path(history_csv), fingerprint, StoppingRule.of(params), budget, state
     )
-    scorers = _epoch_scorers(store, val, params, val_references, val_objects)
-    if not _finished(state, params):
+    scorers = epoch_scorers(store, val, params, val_references, val_objects)
+    if not finished(checkpoint.state, budget):
+        plan = BatchPlan(train, params.batch_size, params.captions_per_image or None)
         model.fit(
-            caption_batches(store, train, params.batch_size, params.seed, initial_epoch, k, None),
-            steps_per_epoch=steps,
-            epochs=params.epochs,
+            training_batches(store, plan, params.seed, initial_epoch * budget.steps_per_epoch),
+            steps_per_epoch=budget.steps_per_epoch,
+            epochs=budget.epochs,
             initial_epoch=initial_epoch,
             callbacks=[*scorers, checkpoint, *callbacks],
             verbose=2,
         )
-    _write_history(history_csv, checkpoint.state["history"])
+    write_history(history_csv, checkpoint.state["history"])
     model.load_weights(checkpoint_dir / "best.weights.h5")
-    summary = {
-        "epochs_run": checkpoint.state["epoch"],
-        "best_epoch": checkpoint.state["best_epoch"],
-        f"best_{params.select_by}": checkpoint.state["best"],
-        "resumed_from_epoch": initial_epoch,
-    }
-    return model, summary
+    return model, checkpoint.summary(initial_epoch)
+
+
+def run_fingerprint(
+    params: TrainParams,
+    extractor: dict,
+    vocabulary: Vocabulary,
+    train: CaptionSet,
+    val: CaptionSet,
+    store: FeatureStore,
+    val_references: dict | None,
+    val_objects: dict | None,
+) -> str:
+    """What a checkpoint must match to be resumed: settings, data, code (not the strategy)."""
+    return settings_fingerprint(
+        # N workers resume on M, and one process on either.
+        dataclasses.asdict(dataclasses.replace(params, distribute="none")), extractor,
+        vocabulary.words, len(train), len(val), store_fingerprint(store),
+        sorted(val_references or {}), val_objects is not None, code_fingerprint(),
+    )  # fmt: skip
 
 
 def compiled_captioner(
@@ -504,11 +689,11 @@ def compiled_captioner(
     vocabulary: Vocabulary,
     params: TrainParams,
     extractor: dict,
-    steps: int,
+    total_steps: int,
 ) -> Captioner:
     """A fresh captioner sized by `params` for `store`'s features, standardised and compiled.
 
-    `steps`: training steps per epoch, the unit of the learning-rate schedule.
+    `total_steps`: the steps the learning-rate schedule spans (the whole budget).
     """
     num_loc, feat_dim = store.feature_shape
     config = ModelConfig(
@@ -528,11 +713,11 @@ def compiled_captioner(
     model = build_captioner(config, vocabulary, seed=params.seed)
     mean, std = store.feature_stats("train")
     model.encoder.set_feature_stats(mean, std)
-    model.compile(optimizer=make_optimizer(params, steps), jit_compile=params.jit_compile)
+    model.compile(optimizer=make_optimizer(params, total_steps), jit_compile=params.jit_compile)
     return model
 
 
-def _epoch_scorers(
+def epoch_scorers(
     store: FeatureStore,
     val: CaptionSet,
     params: TrainParams,
@@ -561,7 +746,7 @@ def save_model(model: Captioner, path: str | Path) -> None:
 
 
 # -- checkpoint plumbing --------------------------------------------------------
-def _resume_state(directory: Path, fingerprint: str) -> dict | None:
+def resume_state(directory: Path, fingerprint: str) -> dict | None:
     state_file = directory / "state.json"
     if not state_file.exists():
         return None
@@ -590,11 +775,9 @@ def _restore_checkpoint(
     return state["epoch"]
 
 
-def _finished(state: dict | None, params: TrainParams) -> bool:
-    """Whether a resumed run already ran every epoch or stopped early."""
-    return bool(state) and (
-        state["epoch"] >= params.epochs or state["wait"] >= params.early_stopping_patience
-    )
+def finished(state: dict | None, budget: TrainingBudget) -> bool:
+    """Whether a resumed run already ran its whole budget or stopped early."""
+    return bool(state) and (state["epoch"] >= budget.epochs or state.get("stopped", False))
 
 
 def _save_weights(model: keras.Model, path: Path) -> None:
@@ -617,7 +800,16 @@ def _load_optimizer(model: keras.Model, path: Path) -> None:
         variable.assign(value)
 
 
-def _write_history(path: str | Path, rows: list[dict]) -> None:
+def read_history(path: str | Path) -> list[dict]:
+    """The rows `write_history` wrote, numbers as floats (epoch as int)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return [
+        {k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""} for row in rows
+    ]
+
+
+def write_history(path: str | Path, rows: list[dict]) -> None:
     """Per-epoch metrics as CSV (the DVC plots source), rewritten whole each epoch."""
     fields = list(rows[0]) if rows else ["epoch"]
     text = io.StringIO(newline="")
