@@ -100,6 +100,62 @@ def run_one(root: Path, budget: int, seed: int, histories: Path) -> dict:
     }
 
 
+def replay(values: list[float], rule, pairs_per_epoch: int) -> tuple[int, float]:
+    """Where `rule` would have stopped a run with these per-epoch val values: (epoch, best so far).
+
+    Early stopping only ends a run, so replaying it on a longer run's history
+    says what it would have kept.
+    """
+    for epoch in range(1, len(values) + 1):
+        seen = values[:epoch]
+        waited = (epoch - rule.best_smoothed_epoch(seen)) * pairs_per_epoch
+        if rule.patience_pairs and waited >= rule.patience_pairs:
+            return epoch, max(seen)
+    return len(values), max(values)
+
+
+def replay_table(histories: list[Path]) -> list[dict]:
+    """The stopping rules side by side on recorded histories (`--replay`)."""
+    from captioning.training import StoppingRule
+
+    rows = []
+    for path in histories:
+        history = _read_rows(path)
+        values = [row["val_CIDEr"] for row in history]
+        per_epoch = int(history[0]["pairs_seen"])
+        rules = {
+            "raw, patience 3 epochs of 2,000 pairs (the old default)": StoppingRule(
+                "val_CIDEr", 1, 0.0, 3 * 2000
+            ),
+            "raw, patience 15,000 pairs": StoppingRule("val_CIDEr", 1, 0.0, 15000),
+            "mean of 3, min_delta 0.01, patience 9,000 pairs": StoppingRule(
+                "val_CIDEr", 3, 0.01, 9000
+            ),
+            "mean of 3, min_delta 0.01, patience 15,000 pairs (default)": StoppingRule(
+                "val_CIDEr", 3, 0.01, 15000
+            ),
+        }
+        for name, rule in rules.items():
+            epoch, best = replay(values, rule, per_epoch)
+            rows.append(
+                {
+                    "history": path.name,
+                    "rule": name,
+                    "stops_after_pairs": epoch * per_epoch,
+                    "of_pairs": len(values) * per_epoch,
+                    "best_val_CIDEr_kept": round(best, 3),
+                    "best_val_CIDEr_whole_run": round(max(values), 3),
+                }
+            )
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    from captioning.training import read_history
+
+    return read_history(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 4000])
@@ -107,7 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/captioning-convergence"))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "convergence.json")
+    parser.add_argument(
+        "--replay", type=Path, nargs="+", help="history CSVs: replay the stopping rules on them"
+    )
     args = parser.parse_args(argv)
+    if args.replay:
+        for row in replay_table(args.replay):
+            print(json.dumps(row))
+        return
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["budget_pairs"]
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     # Default budget with every seed, larger ones with the first: seed spread and budget gain.

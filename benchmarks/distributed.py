@@ -136,7 +136,9 @@ def main() -> None:
     data = root / "data"
     write_data(data, args.steps * args.batch)
     base = {
-        "epochs": 1,
+        # One epoch of one pass over the data: args.steps steps of the global batch.
+        "budget_pairs": args.steps * args.batch,
+        "epoch_pairs": args.steps * args.batch,
         "batch_size": args.batch,
         "captions_per_image": 0,
         "select_by": "val_loss",

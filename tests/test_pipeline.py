@@ -163,11 +163,14 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
     assert not differ, f"logged params differ from params.yaml (yaml, mlflow): {differ}"
     assert run.data.params["train.budget_pairs"] == "32"
 
+    # One point per epoch, at the caption pairs seen (two epochs of 16).
     for name in ("loss", "val_loss", "val_CIDEr", "val_object_accuracy", "learning_rate"):
         history = client.get_metric_history(run.info.run_id, name)
-        assert sorted(m.step for m in history) == [1, 2], (name, history)
+        assert sorted(m.step for m in history) == [16, 32], (name, history)
     # The returned model is the best epoch by val CIDEr (train.select_by's default).
-    ciders = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_CIDEr")}
+    ciders = {
+        m.step // 16: m.value for m in client.get_metric_history(run.info.run_id, "val_CIDEr")
+    }
     assert run.data.metrics["best_epoch"] == max(ciders, key=lambda e: (ciders[e], -e))
 
     metrics = json.loads((project.root / "reports" / "metrics.json").read_text())
@@ -191,6 +194,33 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
     assert {"vocab.json", "metrics.json", "attention"} <= top, top
     attention = {a.path for a in client.list_artifacts(run.info.run_id, "attention")}
     assert "attention/index.html" in attention, attention
+
+
+def test_convergence_shows_in_the_history_mlflow_the_log_and_the_report(demo):
+    """pairs_seen and the smoothed val CIDEr in the history; the still-improving verdict agrees everywhere."""
+    project = demo.project
+    history = pd.read_csv(project.root / "reports" / "train_history.csv")
+    assert list(history.pairs_seen) == [16, 32]
+    train = project.params()["train"]
+    window, delta = train["smoothing_epochs"], train["min_delta"]
+    cider = history.val_CIDEr.tolist()
+    smoothed = [
+        sum(cider[max(0, i + 1 - window) : i + 1]) / len(cider[max(0, i + 1 - window) : i + 1])
+        for i in range(len(cider))
+    ]
+    assert history.val_CIDEr_smoothed.tolist() == pytest.approx(smoothed)
+    # Two epochs, no early stop (its patience is longer than the run): still improving
+    # exactly when the second epoch's average beats the first by more than min_delta.
+    improving = smoothed[1] > smoothed[0] + delta
+    (run,) = _runs(project)
+    assert run.data.tags["convergence"] == ("still improving" if improving else "converged")
+    assert ("convergence_warning" in run.data.tags) is improving
+    assert run.data.metrics["still_improving"] == float(improving)
+    assert ("train: WARNING: still improving" in demo.log) is improving
+    page = (project.root / "reports" / "attention" / "index.html").read_text()
+    assert ("Training warning:" in page) is improving
+    if improving:
+        assert "raise train.budget_pairs" in run.data.tags["convergence_warning"]
 
 
 def test_cli_captions_match_evaluate(demo):
@@ -399,7 +429,7 @@ def test_experiment_with_overrides(demo):
     assert latest.data.params["train.learning_rate"] == "0.002"
     assert latest.data.tags.get("dvc_experiment") == name, latest.data.tags
     history = _client(project).get_metric_history(latest.info.run_id, "loss")
-    assert [m.step for m in history] == [1]
+    assert [m.step for m in history] == [16]  # one epoch of 16 pairs
 
 
 def test_unknown_param_override_fails_loudly(demo):

@@ -21,6 +21,7 @@ from captioning.features import FeatureStore, build_extractor, extract_features
 from captioning.model import masked_loss
 from captioning.text import Vocabulary
 from captioning.training import (
+    BatchPlan,
     CaptionSet,
     EpochCheckpoint,
     HeldOutLoss,
@@ -344,3 +345,107 @@ def test_endless_batches_reshuffle_every_epoch_and_keep_widths_tight(data):
             assert tokens.shape[-1] == min(-(-longest // 8) * 8, train.tokens.shape[1])
     orders = [[f.tobytes() for features, _ in batches for f in features] for batches in epochs]
     assert orders[0] != orders[1] != orders[2]
+
+
+def _captions(images: int, per_image: int = 5) -> CaptionSet:
+    """A caption set of `images` images with `per_image` captions each (tokens of 6, no features)."""
+    rows = images * per_image
+    tokens = np.zeros((rows, 6), np.int32)
+    tokens[:, :4] = 5 + np.arange(rows)[:, None] % 7  # non-pad words of every length 4
+    return CaptionSet(tokens, np.repeat(np.arange(images, dtype=np.int64), per_image))
+
+
+@pytest.mark.parametrize("captions_per_image", [1, 0, 5])
+def test_the_budget_sets_the_same_steps_whatever_the_data_size(captions_per_image):
+    params = TrainParams(batch_size=64, captions_per_image=captions_per_image)
+    budgets = {n: TrainingBudget.of(params, _captions(n)) for n in (500, 2000, 8000)}
+    for images, budget in budgets.items():
+        pairs = budget.pairs_seen(budget.epochs)
+        epoch = budget.pairs_seen(1)
+        # The whole budget, rounded up to whole epochs of about epoch_pairs.
+        assert params.budget_pairs <= pairs < params.budget_pairs + epoch, images
+        assert abs(epoch - params.epoch_pairs) <= budget.pairs_per_step
+    assert len({b.total_steps for b in budgets.values()}) == 1
+    # What changes with the size is how often each pair comes round.
+    assert budgets[500].passes(1) > 10 * budgets[8000].passes(1)
+
+
+def test_the_schedule_spans_the_budget_on_a_small_and_a_large_data_set(data, tmp_path):
+    store, vocab, sets, captions, extractor = data
+    train = sets["train"]  # 48 captions of 24 images
+    small = CaptionSet(train.tokens[:16], train.image_ids[:16])  # a third of it
+    params = dataclasses.replace(PARAMS, budget_pairs=96, epoch_pairs=16)
+    for name, captions_set in (("small", small), ("large", train)):
+        _, summary = fit_captioner(
+            store, vocab, captions_set, sets["val"], params, extractor,
+            tmp_path / name / "ckpt", tmp_path / name / "h.csv", val_references=captions,
+        )  # fmt: skip
+        history = pd.read_csv(tmp_path / name / "h.csv")
+        assert summary["pairs_seen"] == 96 and list(history.pairs_seen) == [
+            16 * e for e in range(1, 7)
+        ]
+        rates = history.learning_rate.to_numpy()
+        assert np.all(np.diff(rates) < 0)  # decaying over the whole budget ...
+        # ... to its floor at the budget's last step, on either size.
+        assert rates[-1] == pytest.approx(params.learning_rate * params.lr_min_fraction, rel=1e-3)
+        passes = 96 / len(captions_set)
+        assert history.passes.iloc[-1] == pytest.approx(passes)
+
+
+def test_each_image_cycles_through_all_its_captions(data):
+    """With one caption per image per pass, five passes give each image its five captions."""
+    train = _captions(40, per_image=5)
+    train = CaptionSet(np.arange(200, dtype=np.int32)[:, None].repeat(2, 1) + 4, train.image_ids)
+    plan = BatchPlan(train, 8, 1)
+    seen: dict[int, list[int]] = {}
+    for number in range(10):
+        for units, rows in plan.epoch(seed=3, epoch=number):
+            for unit, row in zip(units, rows[:, 0], strict=True):
+                assert train.image_ids[row] == plan.images[unit]
+                seen.setdefault(int(unit), []).append(int(row))
+    for rows in seen.values():
+        assert len(rows) == 10
+        # Passes 0-4 and 5-9 each use every caption of the image once, in new orders.
+        assert sorted(rows[:5]) == sorted(rows[5:]) == sorted(set(rows))
+    assert any(rows[:5] != rows[5:] for rows in seen.values())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAfter(keras.callbacks.Callback):
+    """Stops the process's training after `epochs` epochs, once the checkpoint is written."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise _Interrupt
+
+
+def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path):
+    # Only the first epoch counts as an improvement (min_delta is out of reach), so
+    # the smoothed metric waits from epoch 1 and the run stops after 3 epochs (144 pairs).
+    params = dataclasses.replace(
+        PARAMS, budget_pairs=480, deterministic=True, min_delta=100.0, early_stopping_pairs=144
+    )
+    model, whole = _fit(data, tmp_path / "whole", params)
+    assert whole["stopped_early"] and whole["epochs_run"] == 4 and not whole["still_improving"]
+    assert whole["pairs_seen"] == 192 < params.budget_pairs
+
+    with pytest.raises(_Interrupt):
+        _fit(data, tmp_path / "cut", params, callbacks=[_InterruptAfter(2)])
+    resumed_model, resumed = _fit(data, tmp_path / "cut", params)
+    assert resumed["resumed_from_epoch"] == 2
+    for key in ("epochs_run", "best_epoch", "best_val_CIDEr", "stopped_early", "pairs_seen"):
+        assert resumed[key] == whole[key], key
+    for a, b in zip(model.get_weights(), resumed_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    columns = ["epoch", "loss", "val_CIDEr", "val_CIDEr_smoothed", "pairs_seen"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "whole" / "history.csv")[columns],
+        pd.read_csv(tmp_path / "cut" / "history.csv")[columns],
+    )
