@@ -107,15 +107,13 @@ def replay(values: list[float], rule, pairs_per_epoch: int) -> tuple[int, float]
     says what it would have kept.
     """
     for epoch in range(1, len(values) + 1):
-        seen = values[:epoch]
-        waited = (epoch - rule.best_smoothed_epoch(seen)) * pairs_per_epoch
-        if rule.patience_pairs and waited >= rule.patience_pairs:
-            return epoch, max(seen)
+        if rule.stops(values[:epoch], pairs_per_epoch):
+            return epoch, max(values[:epoch])
     return len(values), max(values)
 
 
-def replay_table(histories: list[Path]) -> list[dict]:
-    """The stopping rules side by side on recorded histories (`--replay`)."""
+def replay_table(histories: list[Path], budget: int) -> list[dict]:
+    """The stopping rules side by side on recorded histories of `budget` pairs (`--replay`)."""
     from captioning.training import StoppingRule
 
     rows = []
@@ -123,6 +121,7 @@ def replay_table(histories: list[Path]) -> list[dict]:
         history = _read_rows(path)
         values = [row["val_CIDEr"] for row in history]
         per_epoch = int(history[0]["pairs_seen"])
+        half = budget // 2
         rules = {
             "raw, patience 3 epochs of 2,000 pairs (the old default)": StoppingRule(
                 "val_CIDEr", 1, 0.0, 3 * 2000
@@ -131,8 +130,11 @@ def replay_table(histories: list[Path]) -> list[dict]:
             "mean of 3, min_delta 0.01, patience 9,000 pairs": StoppingRule(
                 "val_CIDEr", 3, 0.01, 9000
             ),
-            "mean of 3, min_delta 0.01, patience 15,000 pairs (default)": StoppingRule(
+            "mean of 3, min_delta 0.01, patience 15,000 pairs": StoppingRule(
                 "val_CIDEr", 3, 0.01, 15000
+            ),
+            "mean of 3, min_delta 0.01, patience 15,000 pairs, not before half (default)": (
+                StoppingRule("val_CIDEr", 3, 0.01, 15000, half)
             ),
         }
         for name, rule in rules.items():
@@ -166,9 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--replay", type=Path, nargs="+", help="history CSVs: replay the stopping rules on them"
     )
+    parser.add_argument("--replay-budget", type=int, default=60000, help="their runs' budget")
     args = parser.parse_args(argv)
     if args.replay:
-        for row in replay_table(args.replay):
+        for row in replay_table(args.replay, args.replay_budget):
             print(json.dumps(row))
         return
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["budget_pairs"]

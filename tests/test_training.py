@@ -212,9 +212,12 @@ def test_early_stopping_counts_pairs_without_improvement_of_the_smoothed_metric(
     summary = checkpoint.summary(0)
     assert summary["stopped_early"] and not summary["still_improving"]
     assert summary["pairs_seen"] == 800
-    # Without smoothing the same values stop after the lucky epoch's patience runs out.
+    # Without smoothing the same values stop after the lucky epoch's patience runs out ...
     raw = _checkpoint_over(tmp_path / "raw", values, patience_pairs=300)
     assert raw.state["stopped"] and raw.state["epoch"] == 5
+    # ... unless it may not stop before 700 pairs.
+    late = _checkpoint_over(tmp_path / "late", values, patience_pairs=300, start_pairs=700)
+    assert late.state["stopped"] and late.state["epoch"] == 7
 
 
 @pytest.mark.parametrize(
@@ -427,14 +430,16 @@ class _InterruptAfter(keras.callbacks.Callback):
 
 
 def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path):
-    # Only the first epoch counts as an improvement (min_delta is out of reach), so
-    # the smoothed metric waits from epoch 1 and the run stops after 3 epochs (144 pairs).
+    # Only the first epoch counts as an improvement (min_delta is out of reach), so the
+    # smoothed metric waits from epoch 1: patience (144 pairs) runs out after epoch 4,
+    # but the run may not stop before half its budget (240 pairs): it stops after epoch 5.
     params = dataclasses.replace(
-        PARAMS, budget_pairs=480, deterministic=True, min_delta=100.0, early_stopping_pairs=144
-    )
+        PARAMS, budget_pairs=480, deterministic=True, min_delta=100.0, early_stopping_pairs=144,
+        early_stopping_from=0.5,
+    )  # fmt: skip
     model, whole = _fit(data, tmp_path / "whole", params)
-    assert whole["stopped_early"] and whole["epochs_run"] == 4 and not whole["still_improving"]
-    assert whole["pairs_seen"] == 192 < params.budget_pairs
+    assert whole["stopped_early"] and whole["epochs_run"] == 5 and not whole["still_improving"]
+    assert whole["pairs_seen"] == 240 < params.budget_pairs
 
     with pytest.raises(_Interrupt):
         _fit(data, tmp_path / "cut", params, callbacks=[_InterruptAfter(2)])

@@ -155,12 +155,18 @@ class TrainParams:
     # tenths from one epoch to the next, and one low epoch must not stop a run
     # that is still learning (nor one lucky epoch make it look finished). It
     # stops when that average has not improved by more than `min_delta` for
-    # `early_stopping_pairs` caption pairs. The best checkpoint is the epoch
-    # with the best single value. A run whose average is best at its last epoch
+    # `early_stopping_pairs` caption pairs, and never before the share
+    # `early_stopping_from` of the budget: in the first half of the cosine
+    # schedule the rate is above half its peak, val CIDEr is at its noisiest,
+    # and the annealing that follows is where the model settles (a run of
+    # twice the default budget was stopped at 40% of it, still learning,
+    # without this; docs/experiments.md). The best checkpoint is the epoch with
+    # the best single value. A run whose average is best at its last epoch
     # ends with a "still improving" warning: give it a larger budget.
     smoothing_epochs: int = 3
     min_delta: float = 0.01  # in the selection metric's units (CIDEr, or loss for val_loss)
     early_stopping_pairs: int = 15000  # 0: never stop early
+    early_stopping_from: float = 0.5  # share of budget_pairs before which it never stops
     seed: int = 42
     jit_compile: bool = True  # XLA-compile the whole-sequence train step (about 4x faster on CPU)
     deterministic: bool = False  # TF op determinism: bit-identical reruns, about 3x slower steps

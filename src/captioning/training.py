@@ -367,18 +367,32 @@ class StoppingRule:
     Both read the selection metric averaged over the last `smoothing_epochs`
     epochs. The average improves when it beats its best so far by more than
     `min_delta`; the run stops after `patience_pairs` caption pairs without
-    an improvement. A run that ends on an improvement was still improving.
+    an improvement, but not before `start_pairs`. A run that ends on an
+    improvement was still improving.
     """
 
     monitor: str = "val_loss"
     smoothing_epochs: int = 1
     min_delta: float = 0.0
     patience_pairs: int = 0  # 0: never stop early
+    start_pairs: int = 0
 
     @classmethod
     def of(cls, params: TrainParams) -> StoppingRule:
         return cls(
-            params.select_by, params.smoothing_epochs, params.min_delta, params.early_stopping_pairs
+            params.select_by,
+            params.smoothing_epochs,
+            params.min_delta,
+            params.early_stopping_pairs,
+            round(params.early_stopping_from * params.budget_pairs),
+        )
+
+    def stops(self, values: Sequence[float], pairs_per_epoch: int) -> bool:
+        """Whether a run whose epochs of `pairs_per_epoch` pairs gave `values` stops now."""
+        seen = len(values) * pairs_per_epoch
+        waited = (len(values) - self.best_smoothed_epoch(values)) * pairs_per_epoch
+        return (
+            bool(self.patience_pairs) and waited >= self.patience_pairs and seen >= self.start_pairs
         )
 
     @property
@@ -474,8 +488,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         logs["pairs_seen"] = self.budget.pairs_seen(epoch + 1)
         logs["passes"] = self.budget.passes(epoch + 1)
         logs[rule.smoothed_name] = rule.smoothed(values)
-        waited = self.budget.pairs_seen(epoch + 1 - rule.best_smoothed_epoch(values))
-        self.state["stopped"] = bool(rule.patience_pairs) and waited >= rule.patience_pairs
+        # At the budget's last epoch the run ends anyway: that is not stopping early.
+        last = epoch + 1 >= self.budget.epochs
+        self.state["stopped"] = not last and rule.stops(values, self.budget.pairs_seen(1))
         self.state["epoch"] = epoch + 1
         row = {k: float(v) for k, v in logs.items()}
         self.state["history"].append({"epoch": epoch + 1, **row})
