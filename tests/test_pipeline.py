@@ -246,7 +246,8 @@ def test_dvc_plots_render_every_declared_plot(demo):
     shown = json.loads(done.stdout)["data"]
     titles = (
         "Training loss",
-        "Val CIDEr (greedy, fixed val sample)",
+        "Convergence, val CIDEr (greedy, fixed val sample; smoothed = what early stopping reads)",
+        "Convergence, val object accuracy (demo data)",
         "Scores by caption length (test split)",
     )
     assert set(titles) <= set(shown), sorted(shown)

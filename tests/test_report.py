@@ -390,8 +390,13 @@ def test_stage_writes_the_report_and_logs_it_to_mlflow(world, tmp_path):
             "batch_size": evaluate.batch_size,
         },
         "report": {"num_images": 3, "seed": 0},
+        "train": {"smoothing_epochs": 1, "min_delta": 0.01},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # A training history whose val CIDEr rose to the end: the page must say so.
+    pd.DataFrame(
+        {"epoch": [1, 2, 3], "val_CIDEr": [0.5, 0.8, 1.1], "pairs_seen": [100, 200, 300]}
+    ).to_csv(tmp_path / "history.csv", index=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     done = subprocess.run(
         [
@@ -410,6 +415,8 @@ def test_stage_writes_the_report_and_logs_it_to_mlflow(world, tmp_path):
             "per_image.csv",
             "--run",
             "mlflow_run.json",  # absent: the stage opens a new run
+            "--history",
+            "history.csv",
             "--out",
             "attention",
         ],
@@ -421,7 +428,10 @@ def test_stage_writes_the_report_and_logs_it_to_mlflow(world, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "differ from evaluate's" in done.stderr and str(TEST_IDS[0]) in done.stderr
-    assert (tmp_path / "attention" / "index.html").is_file()
+    page = (tmp_path / "attention" / "index.html").read_text()
+    assert "report: WARNING training still improving" in done.stderr
+    assert "Training warning:</strong> still improving" in page
+    assert "at the last epoch (3, 300 caption pairs" in page
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
