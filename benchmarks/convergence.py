@@ -12,7 +12,10 @@ still improving, and the wall time of train + evaluate.
     python -m benchmarks.convergence --sizes 500 2000 4000 --scale 1 2 --seeds 42 43
 
 runs the default budget with each seed and twice the budget with the first
-seed (`--scale` multiplies params.yaml's `train.budget_pairs`). Each finished
+seed (`--scale` multiplies params.yaml's `train.budget_pairs`; `--set
+KEY=VALUE` sets another `train` param for every run, e.g.
+`early_stopping_pairs=0` to run whole budgets). `--replay HISTORY.csv ...`
+replays the early-stopping rules on recorded histories instead. Each finished
 run is appended to `--out` at once (a JSON list), so a long sweep that is
 stopped keeps what it measured; a run already there is not repeated. The
 per-epoch histories are copied next to it. docs/experiments.md has the table.
@@ -69,9 +72,12 @@ def dvc(root: Path, *args: str) -> None:
     subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=root, env=env, check=True)
 
 
-def run_one(root: Path, budget: int, seed: int, histories: Path) -> dict:
-    """train + evaluate at `budget` pairs and `seed`; the test figures and the run's summary."""
-    set_params(root, {"train": {"budget_pairs": budget, "seed": seed}})
+def run_one(root: Path, budget: int, seed: int, histories: Path, extra: dict | None = None) -> dict:
+    """train + evaluate at `budget` pairs and `seed`; the test figures and the run's summary.
+
+    `extra`: more `train` params for this run (`--set`).
+    """
+    set_params(root, {"train": {"budget_pairs": budget, "seed": seed, **(extra or {})}})
     start = time.perf_counter()
     dvc(root, "repro", "evaluate")
     wall = time.perf_counter() - start
@@ -79,8 +85,10 @@ def run_one(root: Path, budget: int, seed: int, histories: Path) -> dict:
     state = json.loads((root / "models" / "checkpoints" / "state.json").read_text())
     history = state["history"]
     histories.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(f"-{k}={v}" for k, v in sorted((extra or {}).items()))
     shutil.copy2(
-        root / "reports" / "train_history.csv", histories / f"{root.name}-{budget}-{seed}.csv"
+        root / "reports" / "train_history.csv",
+        histories / f"{root.name}-{budget}-{seed}{suffix}.csv",
     )
     from captioning.config import load_section
     from captioning.training import StoppingRule
@@ -166,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/captioning-convergence"))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "convergence.json")
     parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="another train param for every run (YAML value), e.g. early_stopping_pairs=0",
+    )  # fmt: skip
+    parser.add_argument(
         "--replay", type=Path, nargs="+", help="history CSVs: replay the stopping rules on them"
     )
     parser.add_argument("--replay-budget", type=int, default=60000, help="their runs' budget")
@@ -175,19 +187,21 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row))
         return
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["budget_pairs"]
+    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     done = json.loads(args.out.read_text()) if args.out.exists() else []
     # Default budget with every seed, larger ones with the first: seed spread and budget gain.
-    plan = [(s, 1.0, seed) for s in args.sizes for seed in args.seeds]
+    plan = [(s, 1.0, seed) for s in args.sizes for seed in args.seeds if 1.0 in args.scale]
     plan += [(s, scale, args.seeds[0]) for s in args.sizes for scale in args.scale if scale != 1.0]
     plan.sort(key=lambda item: args.sizes.index(item[0]))
     for size, scale, seed in plan:
         budget = int(base * scale)
-        key = {"train_images": size, "budget_pairs": budget, "seed": seed}
+        key = {"train_images": size, "budget_pairs": budget, "seed": seed, **extra}
         if any(all(row.get(k) == v for k, v in key.items()) for row in done):
             continue
         root = args.scratch / f"demo{size}"
         prepare(root, size)
-        result = {**key, **run_one(root, budget, seed, args.out.parent / "convergence")}
+        histories = args.out.parent / "convergence"
+        result = {**key, **run_one(root, budget, seed, histories, extra)}
         print(json.dumps(result), flush=True)
         done.append(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
