@@ -122,11 +122,11 @@ def replay(values: list[float], rule, pairs_per_epoch: int) -> tuple[int, float]
 
 def replay_table(histories: list[Path], budget: int) -> list[dict]:
     """The stopping rules side by side on recorded histories of `budget` pairs (`--replay`)."""
-    from captioning.training import StoppingRule
+    from captioning.training import StoppingRule, read_history
 
     rows = []
     for path in histories:
-        history = _read_rows(path)
+        history = read_history(path)
         values = [row["val_CIDEr"] for row in history]
         per_epoch = int(history[0]["pairs_seen"])
         half = budget // 2
@@ -158,12 +158,6 @@ def replay_table(histories: list[Path], budget: int) -> list[dict]:
                 }
             )
     return rows
-
-
-def _read_rows(path: Path) -> list[dict]:
-    from captioning.training import read_history
-
-    return read_history(path)
 
 
 def main(argv: list[str] | None = None) -> None:
