@@ -87,7 +87,7 @@ gate: install ## check reports/metrics.json against params.yaml `gates:` (and BA
 	$(BIN)/captioning gate --out $(CI_DIR)/gate.md $(GATE_BASE)
 
 ci-comment: install ## write build/ci/comment.md (gate table, curves, overlays) and post it on the PR
-	$(BIN)/python -m captioning.ci_comment --gate $(CI_DIR)/gate.md --out-dir $(CI_DIR) $(PLOT_BASE)
+	$(BIN)/python -m captioning.evaluation.ci_comment --gate $(CI_DIR)/gate.md --out-dir $(CI_DIR) $(PLOT_BASE)
 
 record-base: ## copy this run's metrics and curves to build/ci/base (CI caches them for later PRs)
 	mkdir -p $(CI_DIR)/base
@@ -102,10 +102,10 @@ TEAM_HOST ?= 127.0.0.1
 TEAM_PORT ?= 5000
 .PHONY: team-server team-server-upgrade ci-remote pull-outputs push-outputs
 team-server: install ## run the MLflow team server (PostgreSQL, logins, proxied artifacts) until Ctrl-C; needs MLFLOW_AUTH_ADMIN_PASSWORD
-	$(BIN)/python -m captioning.team_server --dir $(TEAM_DIR) --host $(TEAM_HOST) --port $(TEAM_PORT)
+	$(BIN)/python -m captioning.tracking.team_server --dir $(TEAM_DIR) --host $(TEAM_HOST) --port $(TEAM_PORT)
 
 team-server-upgrade: install ## `mlflow db upgrade` the team server's tracking database (after an MLflow upgrade)
-	$(BIN)/python -m captioning.team_server --dir $(TEAM_DIR) --upgrade
+	$(BIN)/python -m captioning.tracking.team_server --dir $(TEAM_DIR) --upgrade
 
 # CI's remote comes from the environment (the repository's secrets): DVC_REMOTE_URL, and for
 # ssh:// DVC_SSH_KEY (a private key) and DVC_SSH_KNOWN_HOSTS (the server's known_hosts line).

@@ -30,12 +30,12 @@ import yaml
 
 from captioning.config import TrainParams, from_dict, load_section
 from captioning.data.sources import demo_objects
-from captioning.evaluation import decode_images, evaluate_split
+from captioning.data.text import Vocabulary
+from captioning.evaluation.evaluate import decode_images, evaluate_split
 from captioning.features import FeatureStore
-from captioning.inference import ImageCaptioner
-from captioning.model import Captioner
-from captioning.text import Vocabulary
-from captioning.training import CaptionSet, fit_captioner
+from captioning.model.captioner import Captioner
+from captioning.serving.inference import ImageCaptioner
+from captioning.training.loop import CaptionSet, fit_captioner
 
 QUALITY = ("BLEU-4", "CIDEr", "object_accuracy", "grounding", "grounding_chance", "mean_words")
 LATENCY_REPEATS = 10

@@ -35,11 +35,11 @@ from benchmarks.workspace import (
 )
 from captioning.config import EvaluateParams, load_section
 from captioning.data.sources import REF_NAME, demo_objects
-from captioning.decode import CaptionDecoder
-from captioning.evaluation import decode_images, evaluate_split, references_by_image
+from captioning.data.text import END_ID, PAD_ID, START_ID
+from captioning.evaluation.evaluate import decode_images, evaluate_split, references_by_image
 from captioning.features import INDEX_FILE, FeatureStore
-from captioning.model import Captioner, load_captioner
-from captioning.text import END_ID, PAD_ID, START_ID
+from captioning.model.captioner import Captioner, load_captioner
+from captioning.model.decode import CaptionDecoder
 
 DECODE_MAX_LEN = 20
 DECODE_BATCHES = (EVALUATE_BATCH, 256)  # the evaluate stage's batch, and a bigger one

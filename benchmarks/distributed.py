@@ -1,4 +1,4 @@
-"""Step time of captioning.distributed: one process against two workers on loopback, and precisions.
+"""Step time of captioning.training.distributed: one process against two workers on loopback, and precisions.
 
     python -m benchmarks.distributed [--steps 12] [--images 1024]
 
@@ -34,8 +34,8 @@ TIMEOUT_S = 600
 def write_data(root: Path, images: int) -> None:
     """A fake store of `images` images, one caption each for train, 32 of them for val."""
     from benchmarks.workspace import VOCAB_SIZE, fake_tokens, write_fake_store
+    from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
-    from captioning.text import Vocabulary
 
     write_fake_store(root / "features", images)
     ids = np.asarray(FeatureStore(root / "features").index.image_id, dtype=np.int64)
@@ -59,10 +59,10 @@ def run_worker(data: Path, out: Path, params: dict) -> None:
     import keras
 
     from captioning.config import TrainParams, from_dict
-    from captioning.distributed import train_distributed
+    from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
-    from captioning.text import Vocabulary
-    from captioning.training import CaptionSet
+    from captioning.training.distributed import train_distributed
+    from captioning.training.loop import CaptionSet
 
     class StepTimes(keras.callbacks.Callback):
         def __init__(self):

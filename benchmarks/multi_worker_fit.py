@@ -1,7 +1,7 @@
 """Keras 3 `model.fit` under MultiWorkerMirroredStrategy, two workers on loopback.
 
 Reproduces why the distributed train stage runs its own loop
-(captioning.distributed) instead of `fit`: with two or more workers, `fit`
+(captioning.training.distributed) instead of `fit`: with two or more workers, `fit`
 fails when it reduces values across workers: its scalar metrics in
 tensorflow#72388 and keras-team/keras#20585; with TensorFlow 2.21 and Keras
 3.15 already the first batch, which `fit` reduces to build the model

@@ -54,7 +54,7 @@ from benchmarks.workspace import (
     Sizes,
     Workspace,
 )
-from captioning.text import SPECIAL_TOKENS
+from captioning.data.text import SPECIAL_TOKENS
 
 RUNNERS = {
     "features": bench_features,

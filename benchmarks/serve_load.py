@@ -36,14 +36,14 @@ import numpy as np
 import requests
 
 from benchmarks.scoring_server import ScoringServer, process_tree_rss
-from captioning import tracking
 from captioning.config import EvaluateParams, TokenizeParams, TrainParams
 from captioning.data.demo import generate_demo
+from captioning.data.text import SPECIAL_TOKENS, Vocabulary
 from captioning.features import build_extractor, weights_digest
-from captioning.model import ModelConfig, build_captioner
-from captioning.serving import ServingConfig, log_captioner_model
-from captioning.text import SPECIAL_TOKENS, Vocabulary
-from captioning.training import save_model
+from captioning.model.captioner import ModelConfig, build_captioner
+from captioning.serving.pyfunc import ServingConfig, log_captioner_model
+from captioning.tracking import runs as tracking
+from captioning.training.loop import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

@@ -40,9 +40,9 @@ from benchmarks.workspace import (
     tutorial_model,
 )
 from captioning.config import TrainParams
-from captioning.distributed import distributed_optimizer, distributed_step, make_strategy
-from captioning.model import Captioner
-from captioning.text import PAD_ID
+from captioning.data.text import PAD_ID
+from captioning.model.captioner import Captioner
+from captioning.training.distributed import distributed_optimizer, distributed_step, make_strategy
 
 # ----------------------------------------------------------------------------- the tutorial's loop
 
@@ -235,7 +235,7 @@ def _step_elements(data: list[Batch]) -> tf.data.Dataset:
 def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
     """Pairs/s of the training step that `train.precision` runs, on fake batches.
 
-    The step is `captioning.distributed.distributed_step` on one device, as
+    The step is `captioning.training.distributed.distributed_step` on one device, as
     the train stage runs it whenever train.distribute or train.precision is
     set: model and optimizer built under the Keras dtype policy `precision`
     (float32, mixed_float16 with loss scaling, mixed_bfloat16), the loss in

@@ -2,7 +2,7 @@
 
 `Sizes` says how much data each benchmark uses (`QUICK` for a smoke run,
 `FULL` for the measurement). Batch, image and model sizes are the project's
-own defaults, read from the `captioning.config` and `captioning.model`
+own defaults, read from the `captioning.config` and `captioning.model.captioner`
 dataclasses, so a benchmark measures what the pipeline runs. The paths of the
 pipeline outputs the decoders benchmark reads live here too, in one place.
 `Workspace` holds what one run shares between benchmarks (demo images, the
@@ -23,6 +23,7 @@ import pandas as pd
 from benchmarks.flops import PEAK_SIZE, peak_gflops
 from captioning.config import EvaluateParams, FeaturesParams, TokenizeParams, TrainParams
 from captioning.data.demo import generate_demo
+from captioning.data.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
 from captioning.features import (
     INDEX_FILE,
     SHARD_SUFFIX,
@@ -30,8 +31,7 @@ from captioning.features import (
     extract_features,
     write_shard,
 )
-from captioning.model import Captioner, ModelConfig, build_captioner
-from captioning.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, Vocabulary
+from captioning.model.captioner import Captioner, ModelConfig, build_captioner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_REPORT = REPO_ROOT / "reports" / "bench.json"

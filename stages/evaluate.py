@@ -7,13 +7,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from captioning import tracking
 from captioning.atomic_files import atomic_path, atomic_write
 from captioning.config import load_section
 from captioning.data.sources import demo_objects
-from captioning.evaluation import evaluate_split, scores_by_length
+from captioning.evaluation.evaluate import evaluate_split, scores_by_length
 from captioning.features import FeatureStore
-from captioning.model import load_captioner
+from captioning.model.captioner import load_captioner
+from captioning.tracking import runs as tracking
 
 
 def main() -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from captioning import registry, tracking
 from captioning.atomic_files import atomic_write
 from captioning.config import load_section
-from captioning.serving import ServingConfig, log_captioner_model
+from captioning.serving import registry
+from captioning.serving.pyfunc import ServingConfig, log_captioner_model
+from captioning.tracking import runs as tracking
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from captioning import tracking
 from captioning.config import load_section
+from captioning.evaluation.report import build_report
 from captioning.features import FeatureStore
-from captioning.model import load_captioner
-from captioning.report import build_report
-from captioning.training import StoppingRule, read_history, still_improving_warning
+from captioning.model.captioner import load_captioner
+from captioning.tracking import runs as tracking
+from captioning.training.loop import StoppingRule, read_history, still_improving_warning
 
 
 def main() -> None:

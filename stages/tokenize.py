@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from captioning.config import load_section
-from captioning.text import encode_splits
+from captioning.data.text import encode_splits
 
 
 def main() -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from captioning import tracking
 from captioning.config import load_section, read_params
 from captioning.data.sources import demo_objects
-from captioning.distributed import is_chief, train_distributed, trainer
-from captioning.evaluation import references_by_image
+from captioning.data.text import Vocabulary
+from captioning.evaluation.evaluate import references_by_image
 from captioning.features import FeatureStore
-from captioning.text import Vocabulary
-from captioning.training import (
+from captioning.tracking import runs as tracking
+from captioning.training.distributed import is_chief, train_distributed, trainer
+from captioning.training.loop import (
     CaptionSet,
     StoppingRule,
     read_history,

@@ -5,7 +5,7 @@ import json
 
 from captioning.config import load_section
 from captioning.data.sources import read_dataset_ref
-from captioning.validate import validate_dataset
+from captioning.data.validation import validate_dataset
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ def tiny_captioner():
     field (TINY_SIZES, TINY_LOSS, the extractor fields, ...).
     """
     # Imported here: test modules without a model do not pay for TensorFlow.
-    from captioning.model import ModelConfig, build_captioner
-    from captioning.text import Vocabulary
+    from captioning.data.text import Vocabulary
+    from captioning.model.captioner import ModelConfig, build_captioner
 
     def build(vocabulary=None, feature_shape=(9, 32), *, seed=0, **config):
         if vocabulary is None:
@@ -62,10 +62,10 @@ def demo_trained_captioner(tiny_captioner):
     import tensorflow as tf
 
     from captioning.data.demo import generate_demo
+    from captioning.data.text import Vocabulary, clean_caption
     from captioning.features import build_extractor, weights_digest
-    from captioning.preprocessing import preprocess_image
-    from captioning.text import Vocabulary, clean_caption
-    from captioning.training import save_model
+    from captioning.features.preprocessing import preprocess_image
+    from captioning.training.loop import save_model
 
     def train(root, *, seed=0, epochs=40, train_images=16, val_images=4, **config):
         demo = root / "demo"

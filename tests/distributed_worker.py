@@ -51,10 +51,10 @@ def main() -> None:
     import numpy as np
 
     from captioning.config import TrainParams, from_dict
-    from captioning.distributed import trainer
+    from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
-    from captioning.text import Vocabulary
-    from captioning.training import CaptionSet
+    from captioning.training.distributed import trainer
+    from captioning.training.loop import CaptionSet
 
     class KillAt(keras.callbacks.Callback):
         """A crash after step `step` of epoch `epoch` (chief only: callbacks run there)."""

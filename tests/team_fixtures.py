@@ -2,7 +2,7 @@
 
 Both run on 127.0.0.1 only, on free ports, through `captioning.server_process`
 (the one way this project starts and stops servers), so they stop however a
-test ends. The MLflow side is `captioning.team_server` itself: a private
+test ends. The MLflow side is `captioning.tracking.team_server` itself: a private
 PostgreSQL cluster and `mlflow server` with basic auth and proxied artifacts.
 The SSH side is Debian's `sshd` in the foreground with its own host key,
 config and authorized key, and a HOME whose `.ssh/known_hosts` trusts that
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import requests
 
-from captioning import team_server
 from captioning.server_process import ServerProcess, free_port, port_open
+from captioning.tracking import team_server
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 

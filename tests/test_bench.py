@@ -21,10 +21,10 @@ from benchmarks.train import loop_logits
 from captioning.config import load_section
 from captioning.data.demo import generate_demo
 from captioning.data.sources import demo_objects, write_dataset_ref
-from captioning.evaluation import evaluate_split
+from captioning.data.text import Vocabulary, clean_caption
+from captioning.evaluation.evaluate import evaluate_split
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model import load_captioner
-from captioning.text import Vocabulary, clean_caption
+from captioning.model.captioner import load_captioner
 from test_model import batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning import ci_comment
+from captioning.evaluation import ci_comment
 
 GATE_TABLE = "### Quality gate: passed (1 metrics, 0 improved)\n\n| metric | base | PR |\n"
 

@@ -28,7 +28,7 @@ from captioning.config import (
     load_section,
     read_params,
 )
-from captioning.images import DEFAULT_MAX_PIXELS
+from captioning.data.images import DEFAULT_MAX_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Gates are this repository's policy for its own metrics, kept in params.yaml
@@ -59,7 +59,7 @@ def test_params_yaml_values_are_the_dataclass_defaults(section):
 
 
 def test_model_config_defaults_mirror_the_params():
-    from captioning.model import ModelConfig
+    from captioning.model.captioner import ModelConfig
 
     mirrored = {
         "embedding_dim": (TrainParams, "embedding_dim"),
@@ -89,7 +89,7 @@ def test_model_config_defaults_mirror_the_params():
 def test_model_config_feature_shape_is_the_extractors_at_the_default_image_size():
     import keras
 
-    from captioning.model import ModelConfig
+    from captioning.model.captioner import ModelConfig
 
     side = FeaturesParams.image_size
     backbone = keras.applications.InceptionV3(
@@ -101,8 +101,8 @@ def test_model_config_feature_shape_is_the_extractors_at_the_default_image_size(
 
 def test_decoding_defaults_are_the_evaluate_stages():
     from captioning.cli import build_parser
-    from captioning.decode import CaptionDecoder
-    from captioning.training import ValCaptionScore
+    from captioning.model.decode import CaptionDecoder
+    from captioning.training.loop import ValCaptionScore
 
     evaluate = EvaluateParams()
     caption = build_parser().parse_args(["caption", "image.jpg"])

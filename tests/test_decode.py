@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioning.decode import CaptionDecoder
-from captioning.model import load_captioner
-from captioning.text import END_ID, PAD_ID, START_ID, Vocabulary
+from captioning.data.text import END_ID, PAD_ID, START_ID, Vocabulary
+from captioning.model.captioner import load_captioner
+from captioning.model.decode import CaptionDecoder
 
 CAPTIONS = ["a red circle at the top", "a blue square on the left", "a green star in the center"]
 # Per decoder: model sizes and the learning rate that overfits the three captions in 150 steps.

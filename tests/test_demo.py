@@ -19,7 +19,7 @@ from PIL import Image
 
 from captioning.atomic_files import temporary_sibling
 from captioning.data import demo, demo_captions, demo_scenes
-from captioning.text import clean_caption
+from captioning.data.text import clean_caption
 
 N_TRAIN, N_VAL, SEED = 12, 6, 7
 SPLITS = ("train", "val")

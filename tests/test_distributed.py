@@ -1,4 +1,4 @@
-"""captioning.distributed: the same training on N replicas as on one device, resumable, chief-only outputs.
+"""captioning.training.distributed: the same training on N replicas as on one device, resumable, chief-only outputs.
 
 The tiny feature store of tests/test_training.py (three flat colours, a
 random-init InceptionV3 at its smallest input) written to disk, because the
@@ -50,8 +50,8 @@ RUN_TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """features/ (with extractor.json), tokens/ and references.json of 30 one-colour images."""
+    from captioning.data.text import Vocabulary
     from captioning.features import build_extractor, extract_features
-    from captioning.text import Vocabulary
 
     root = tmp_path_factory.mktemp("distributed")
     rng = np.random.default_rng(0)
@@ -125,7 +125,7 @@ def _assert_close(a: list[np.ndarray], b: list[np.ndarray], atol: float) -> None
 
 
 def test_chief_is_task_chief_or_worker_zero():
-    from captioning.distributed import is_chief
+    from captioning.training.distributed import is_chief
 
     def config(kind, index, chief=False):
         cluster = {"worker": ["a:1", "b:2"], **({"chief": ["c:3"]} if chief else {})}
@@ -142,8 +142,8 @@ def test_chief_is_task_chief_or_worker_zero():
 def test_replica_shares_sum_to_the_single_device_loss():
     import tensorflow as tf
 
-    from captioning.distributed import replica_loss
-    from captioning.model import masked_loss
+    from captioning.model.captioner import masked_loss
+    from captioning.training.distributed import replica_loss
 
     rng = np.random.default_rng(0)
     targets = rng.integers(1, 9, (6, 7)).astype(np.int32)
@@ -166,9 +166,9 @@ def test_replica_shares_sum_to_the_single_device_loss():
 @pytest.mark.parametrize("captions_per_image", [0, 2])
 def test_each_caption_pair_is_read_once_per_epoch_across_pipelines(data, captions_per_image):
     from captioning.config import TrainParams
-    from captioning.distributed import ShardedBatches
     from captioning.features import FeatureStore
-    from captioning.training import BatchPlan, CaptionSet
+    from captioning.training.distributed import ShardedBatches
+    from captioning.training.loop import BatchPlan, CaptionSet
 
     train = CaptionSet.load(data / "tokens", "train")
     params = TrainParams(batch_size=8, captions_per_image=captions_per_image, seed=3)
@@ -199,10 +199,10 @@ def _train_here(data: Path, out: Path, train=None, **params):
     `train`: the training function, by default the one `trainer` picks.
     """
     from captioning.config import TrainParams
-    from captioning.distributed import trainer
+    from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
-    from captioning.text import Vocabulary
-    from captioning.training import CaptionSet
+    from captioning.training.distributed import trainer
+    from captioning.training.loop import CaptionSet
 
     settings = TrainParams(**{**PARAMS, "deterministic": False, "budget_pairs": 48, **params})
     references = {int(k): v for k, v in json.loads((data / "references.json").read_text()).items()}
@@ -223,8 +223,8 @@ def _train_here(data: Path, out: Path, train=None, **params):
 
 def test_the_loop_on_one_device_trains_as_fit(data, tmp_path):
     from captioning.config import TrainParams
-    from captioning.distributed import train_distributed, trainer
-    from captioning.training import fit_captioner
+    from captioning.training.distributed import train_distributed, trainer
+    from captioning.training.loop import fit_captioner
 
     assert trainer(TrainParams()) is fit_captioner  # the defaults: today's path
     fitted = _train_here(data, tmp_path / "fit")

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from captioning.evaluation import scores_by_length
+from captioning.evaluation.evaluate import scores_by_length
 
 
 def test_bins_by_mean_reference_length_and_averages_scores():

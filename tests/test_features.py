@@ -1,6 +1,6 @@
 """Tests for captioning.features: extractor weights, the shard files, extraction and the store.
 
-Also the image preprocessing it feeds the extractor (`captioning.preprocessing`).
+Also the image preprocessing it feeds the extractor (`captioning.features.preprocessing`).
 Real InceptionV3 models on a few tiny generated images. Most tests use the
 smallest input InceptionV3 accepts (75 px, one location) to stay fast; one
 extraction runs at 299 px to check the (64, 2048) grid.
@@ -41,7 +41,7 @@ from captioning.features import (
     write_shard,
 )
 from captioning.features import shards as shard_module
-from captioning.preprocessing import load_image, preprocess_image, preprocess_pixels
+from captioning.features.preprocessing import load_image, preprocess_image, preprocess_pixels
 
 SMALL = 75  # InceptionV3's minimum input: its output grid is 1x1
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captioning import gate
 from captioning.cli import main
 from captioning.config import GatesParams, load_section
-from captioning.metrics import NLTK_KEYS
+from captioning.evaluation import gate
+from captioning.evaluation.metrics import NLTK_KEYS
 from pipeline_fixtures import GIT_USER, VENV_BIN, describe, pipeline_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +368,7 @@ def test_gate_end_to_end_against_the_base_commit(repo):
     done = repo.run(
         VENV_BIN / "python",
         "-m",
-        "captioning.ci_comment",
+        "captioning.evaluation.ci_comment",
         "--base-ref",
         base,
         "--no-post",

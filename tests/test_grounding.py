@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from captioning.grounding import box_coverage, grounding_scores, noun_groundings
+from captioning.data.demo_grounding import box_coverage, grounding_scores, noun_groundings
 
 OBJECTS = [
     {"kind": "circle", "colour": "red", "position": "top left", "bbox": [0, 0, 74.75, 74.75]},

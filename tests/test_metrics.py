@@ -1,4 +1,4 @@
-"""Tests for captioning.metrics: parity with the official coco-caption scores,
+"""Tests for captioning.evaluation.metrics: parity with the official coco-caption scores,
 exact agreement with pycocoevalcap's own tokenizer and scorers, NLTK's corpus
 BLEU against a from-scratch BLEU and against coco-caption's, metric sanity,
 SPICE reported as skipped when its jars are missing, the Java processes being
@@ -23,7 +23,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioning.metrics import (
+from captioning.data.text import clean_caption
+from captioning.evaluation.metrics import (
     CORPUS_KEYS,
     NLTK_BLEU,
     NLTK_KEYS,
@@ -38,7 +39,6 @@ from captioning.metrics import (
     score_files,
     spice_unavailable_reason,
 )
-from captioning.text import clean_caption
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "coco_val2014_sample"
 needs_sample = pytest.mark.skipif(

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioning.model import (
+from captioning.data.text import PAD_ID, Vocabulary
+from captioning.model.captioner import (
     AttentionGRUDecoder,
     BahdanauAttention,
     CNNEncoder,
@@ -14,7 +15,6 @@ from captioning.model import (
     load_captioner,
     masked_loss,
 )
-from captioning.text import PAD_ID, Vocabulary
 
 
 def batch(n=4, t=7, seed=0, vocab_size=14):

@@ -1,4 +1,4 @@
-"""The model registry rules (`captioning.registry`) against a real sqlite MLflow store.
+"""The model registry rules (`captioning.serving.registry`) against a real sqlite MLflow store.
 
 A trivial model stands in for the captioner (the rules never look inside it):
 the champion alias moves only to a strictly better test CIDEr on the same
@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from captioning import registry
+from captioning.serving import registry
 
 # A models-from-code file: the registry tests log models the way the captioner is logged.
 ECHO_MODEL = """

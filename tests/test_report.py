@@ -1,4 +1,4 @@
-"""Tests for captioning.report: image choice, overlays, and the static HTML page.
+"""Tests for captioning.evaluation.report: image choice, overlays, and the static HTML page.
 
 Real components throughout: a tiny untrained `Captioner`, a feature store
 written with `write_shard` and read by `FeatureStore`, small JPEGs
@@ -19,10 +19,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from captioning.config import EvaluateParams, ReportParams
-from captioning.evaluation import decode_images
-from captioning.features import SHARD_SUFFIX, FeatureStore, write_shard
-from captioning.model import build_captioner
-from captioning.report import (
+from captioning.data.text import END_ID, SPECIAL_TOKENS, Vocabulary
+from captioning.evaluation.evaluate import decode_images
+from captioning.evaluation.report import (
     OVERLAY_SIDE,
     PANEL_GAP_PX,
     TITLE_PX,
@@ -31,7 +30,8 @@ from captioning.report import (
     select_images,
     upsample_attention,
 )
-from captioning.text import END_ID, SPECIAL_TOKENS, Vocabulary
+from captioning.features import SHARD_SUFFIX, FeatureStore, write_shard
+from captioning.model.captioner import build_captioner
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right"]
 TEST_IDS = list(range(101, 123))  # 22 images: enough for full best/worst galleries

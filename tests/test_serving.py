@@ -35,11 +35,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 from PIL import Image
 
-from captioning import registry
 from captioning.config import EvaluateParams
+from captioning.data.text import Vocabulary
 from captioning.features import build_extractor, weights_digest
-from captioning.inference import ImageCaptioner
-from captioning.serving import (
+from captioning.serving import registry
+from captioning.serving.inference import ImageCaptioner
+from captioning.serving.pyfunc import (
     ServingConfig,
     captioner_model_kwargs,
     decode_base64_image,
@@ -47,8 +48,7 @@ from captioning.serving import (
     log_captioner_model,
     request_images,
 )
-from captioning.text import Vocabulary
-from captioning.training import save_model
+from captioning.training.loop import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -436,7 +436,7 @@ def test_logged_model_has_signature_example_pinned_requirements_and_code(
     requirements = (local / "requirements.txt").read_text().split()
     for dist in ("keras==", "mlflow==", "pillow==", "numpy==", "pandas==", "tensorflow"):
         assert any(r.startswith(dist) and "==" in r for r in requirements), requirements
-    assert (local / "code" / "captioning" / "serving.py").is_file()
+    assert (local / "code" / "captioning" / "serving" / "pyfunc.py").is_file()
     assert (local / "serving_input_example.json").is_file()
     # Logged as code: MLflow runs served_model.py on load; nothing is unpickled.
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]

@@ -1,7 +1,7 @@
 """The team set-up end to end: the pipeline against a real team server and an SSH DVC remote.
 
 One module-scoped set of servers on 127.0.0.1 (PostgreSQL + `mlflow server`
-with basic auth and proxied artifacts, via `captioning.team_server`; an
+with basic auth and proxied artifacts, via `captioning.tracking.team_server`; an
 OpenSSH server as the DVC remote) and one tiny demo pipeline reproduced
 against them as user alice and pushed. The checks then read that one run:
 a second clone pulls and is up to date with byte-identical outputs; the

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from captioning.text import (
+from captioning.data.text import (
     END_ID,
     PAD_ID,
     START_ID,

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from captioning import tracking
 from captioning.server_process import free_port
+from captioning.tracking import runs as tracking
 
 
 def test_runs_go_to_the_repository_store(tmp_path, monkeypatch):

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from captioning.config import TrainParams
+from captioning.data.text import Vocabulary
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model import masked_loss
-from captioning.text import Vocabulary
-from captioning.training import (
+from captioning.model.captioner import masked_loss
+from captioning.training.loop import (
     BatchPlan,
     CaptionSet,
     EpochCheckpoint,

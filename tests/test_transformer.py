@@ -22,10 +22,10 @@ import requests
 import tensorflow as tf
 from benchmarks.scoring_server import ScoringServer
 
-from captioning.decode import CaptionDecoder
-from captioning.model import Captioner, load_captioner
-from captioning.text import START_ID
-from captioning.transformer import (
+from captioning.data.text import START_ID
+from captioning.model.captioner import Captioner, load_captioner
+from captioning.model.decode import CaptionDecoder
+from captioning.model.transformer import (
     CachedMultiHeadAttention,
     TransformerDecoder,
     TransformerDecoderBlock,
@@ -154,8 +154,8 @@ def test_xla_training_step_lowers_the_loss(tiny_captioner):
 
 @pytest.mark.slow
 def test_served_transformer_answers_over_http_like_the_library(tmp_path, demo_trained_captioner):
-    from captioning.inference import ImageCaptioner
-    from captioning.serving import ServingConfig, captioner_model_kwargs
+    from captioning.serving.inference import ImageCaptioner
+    from captioning.serving.pyfunc import ServingConfig, captioner_model_kwargs
 
     model_path, images = demo_trained_captioner(
         tmp_path, epochs=5, train_images=12, val_images=3, encoder_dim=16, **TINY_TRANSFORMER

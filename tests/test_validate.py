@@ -1,4 +1,4 @@
-"""Tests for captioning.validate: image quarantine, the GX suites, and the validate stage's outputs.
+"""Tests for captioning.data.validation: image quarantine, the GX suites, and the validate stage's outputs.
 
 A module-scoped "zoo" folder in the COCO 2014 layout holds real files written
 with Pillow: plain, grayscale, CMYK, palette and RGBA images (kept), and a
@@ -28,7 +28,7 @@ from captioning.data.coco_layout import (
     caption_table,
     read_annotations,
 )
-from captioning.validate import (
+from captioning.data.validation import (
     ValidationError,
     check_images,
     drop_bad_captions,

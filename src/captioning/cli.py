@@ -16,8 +16,8 @@ from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from captioning.images import ImageReadError
-    from captioning.inference import ImageCaptioner
+    from captioning.data.images import ImageReadError
+    from captioning.serving.inference import ImageCaptioner
 
     captioner = ImageCaptioner(args.model)
     try:
@@ -41,7 +41,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from captioning import metrics
+    from captioning.evaluation import metrics
 
     result = metrics.score_files(args.results, args.annotations)
     if args.json:
@@ -56,8 +56,8 @@ def _score(args: argparse.Namespace) -> int:
 def _gate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from captioning import gate
     from captioning.config import ConfigError, load_section
+    from captioning.evaluation import gate
 
     try:
         result = gate.run_gate(

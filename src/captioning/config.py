@@ -5,7 +5,7 @@ on unknown keys and values of the wrong type, so a typo in
 `dvc exp run -S train.lerning_rate=...` stops the run instead of being ignored.
 The dataclasses hold every default, each with its reason beside it; a key left
 out of params.yaml takes that default, which equals params.yaml's own value (a
-test keeps the two equal). `captioning.model.ModelConfig` takes its defaults
+test keeps the two equal). `captioning.model.captioner.ModelConfig` takes its defaults
 from here and travels inside the saved model, so a checkpoint always knows the
 settings that made it.
 """
@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from captioning.images import DEFAULT_MAX_PIXELS
+from captioning.data.images import DEFAULT_MAX_PIXELS
 
 
 class ConfigError(ValueError):
@@ -103,7 +103,7 @@ class TrainParams:
     # so the attended context says where it looked. Off: it did not help on the demo.
     location_embedding: bool = False
     # gru: the tutorial's attention GRU (embedding_dim, units, attention_units).
-    # transformer: captioning.transformer (the transformer_* sizes below). Both
+    # transformer: captioning.model.transformer (the transformer_* sizes below). Both
     # read the same encoder; docs/transformer.md compares them.
     decoder: Literal["gru", "transformer"] = "gru"
     # Small for two CPU cores: 2 blocks of width 256 (4 heads of 64) hold fewer
@@ -172,12 +172,12 @@ class TrainParams:
     deterministic: bool = False  # TF op determinism: bit-identical reruns, about 3x slower steps
     # none: one device, Keras `fit`. mirrored: every local device (several GPUs),
     # multi_worker: the cluster in TF_CONFIG (TFJob, Slurm, Vertex AI); both run
-    # captioning.distributed's loop, since Keras 3 `fit` fails under several
+    # captioning.training.distributed's loop, since Keras 3 `fit` fails under several
     # workers (docs/scaling.md). batch_size stays the global batch.
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     # mixed_float16 (with loss scaling) or mixed_bfloat16 for accelerators with
     # fast half-precision matmuls; on CPU they run, with small and unsteady
-    # gains (docs/scaling.md). Not float32: captioning.distributed's loop, one device too.
+    # gains (docs/scaling.md). Not float32: captioning.training.distributed's loop, one device too.
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
 

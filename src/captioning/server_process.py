@@ -1,6 +1,6 @@
 """Start a server process, wait until it answers, stop it: the one way this project runs servers.
 
-The team server (`captioning.team_server`: PostgreSQL and `mlflow server`),
+The team server (`captioning.tracking.team_server`: PostgreSQL and `mlflow server`),
 the tests' OpenSSH server and `mlflow models serve` all go through
 `ServerProcess`. It starts the command in a session of its own, so that
 stopping it reaches every process the server forked (uvicorn workers,

@@ -1,8 +1,12 @@
-"""Raw data sources for captioning, each ending as a folder in the COCO 2014 layout.
+"""Data: sources in the COCO 2014 layout, the one image reader, text, and validation.
 
-`demo` generates a small synthetic data set offline from `demo_scenes` (the
-pictures) and `demo_captions` (the grammar that words them and grades captions
-of them); `coco` and `flickr` download real data sets through `download`;
-`coco_layout` reads any folder in that layout into the caption table that
-every later stage uses.
+`sources` is the download stage's entry: `demo` generates a small synthetic
+data set offline from `demo_scenes` (the pictures) and `demo_captions` (the
+grammar that words them and grades captions of them); `coco` and `flickr`
+download real data sets through `download`; `coco_layout` reads any folder in
+that layout into the caption table that every later stage uses. `images` is
+the one image reader (serving, validation, features, reports), `text` the one
+caption cleaner and vocabulary, `validation` (with `captions_suite`) the
+validate stage's checks. A source may provide scores only its data supports
+(`sources.source_scorer`; the demo's object accuracy and grounding).
 """

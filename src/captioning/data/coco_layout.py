@@ -8,7 +8,7 @@ train2014 -> train, val2014 divided by a seeded permutation into val/test; or
 the Karpathy split from `<root>/splits.json`), applies the per-split caps and
 returns one row per caption. Annotations whose image file is absent are dropped
 and reported in a stats dict, never silently. Decoding the pixels is the job of
-`captioning.validate`. For the writers of the layout (demo, coco, flickr),
+`captioning.data.validation`. For the writers of the layout (demo, coco, flickr),
 `prune_image_folder` keeps an image folder to exactly the images they list.
 """
 
@@ -251,7 +251,7 @@ def caption_table(
 
     Returns `(table, stats)`: table has the columns of docs/design.md, one row per
     caption, sorted by split, seeded rank, then the captions' file order (width and
-    height are the annotation's, nullable Int64, until `captioning.validate.check_images`
+    height are the annotation's, nullable Int64, until `captioning.data.validation.check_images`
     records the decoded size). stats counts images per split and what was dropped:
     missing image files, captions of images absent from 'images', images without
     captions or without a split. Splits are decided on all annotated images before

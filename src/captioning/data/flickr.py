@@ -30,7 +30,7 @@ from captioning.atomic_files import write_if_changed
 from captioning.data.archives import CorruptArchiveError
 from captioning.data.coco_layout import prune_image_folder
 from captioning.data.download import DownloadError, RetryPolicy, download
-from captioning.images import ImageReadError, image_size
+from captioning.data.images import ImageReadError, image_size
 
 FLICKR8K_IMAGES_URL = (
     "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"

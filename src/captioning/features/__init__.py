@@ -5,7 +5,7 @@ read as 64 locations of 2048 features; `extract_features` (`extraction`)
 writes a sharded, resumable store of those features for a table of images;
 `FeatureStore` (`store`) reads it back memory-mapped; `shards` holds the
 sparse float16 file format underneath. Images are decoded and preprocessed by
-`captioning.preprocessing`, not here. The names below are the package's
+`captioning.features.preprocessing`, not here. The names below are the package's
 public API; the rest of the code imports them from `captioning.features`.
 """
 

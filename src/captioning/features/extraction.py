@@ -12,7 +12,7 @@ independently on several hosts; a whole-store run afterwards keeps every
 part's shards and merges them, byte-identical to a store extracted in one go.
 `index.parquet` is written last, by the whole-store run only, so its presence
 means the store is finished. Images are read through
-`captioning.preprocessing.load_image`, the same decoding and preprocessing
+`captioning.features.preprocessing.load_image`, the same decoding and preprocessing
 that serving uses.
 """
 
@@ -33,6 +33,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from captioning.atomic_files import atomic_path, atomic_write, is_temporary
+from captioning.data.images import DEFAULT_MAX_PIXELS
 from captioning.features.extractor import weights_digest
 from captioning.features.manifest import (
     STORE_FORMAT,
@@ -41,6 +42,7 @@ from captioning.features.manifest import (
     write_manifest,
     write_part_manifest,
 )
+from captioning.features.preprocessing import load_image
 from captioning.features.shards import (
     FEATURE_DTYPE,
     SHARD_SUFFIX,
@@ -48,8 +50,6 @@ from captioning.features.shards import (
     write_shard,
 )
 from captioning.features.store import INDEX_FILE
-from captioning.images import DEFAULT_MAX_PIXELS
-from captioning.preprocessing import load_image
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def extract_features(
     the K-th), recorded in its own manifest and without an index: the index
     rows of its shards are returned. A whole-store run (`parts=1`) afterwards
     keeps the parts' shards and writes only what is missing, the manifest and
-    the index. An image that cannot be read (`captioning.images`, at most
+    the index. An image that cannot be read (`captioning.data.images`, at most
     `max_pixels` pixels) raises ValueError naming its shard.
     """
     if batch_size < 1 or shard_size < 1:

@@ -8,7 +8,7 @@ GRU, and speaks the same two interfaces to the rest of the project:
 `call` runs teacher forcing over whole sequences for the `Captioner`'s
 training step and returns (logits (B, T, V), attention (B, T, L)), and
 `start_decoding` / `decode_step` advance one word at a time for
-`captioning.decode`. Decoding keeps each block's self-attention keys and
+`captioning.model.decode`. Decoding keeps each block's self-attention keys and
 values in a cache that grows by one position per word, and computes the
 image's cross-attention keys and values once per image, so a word costs one
 position, not the whole prefix again. The attention it reports (what the
@@ -267,7 +267,7 @@ class TransformerDecoder(layers.Layer):
             x, weights = block(x, memory_kv, training=training)
         return self._read_out(x, weights)
 
-    # -- word by word (captioning.decode) ----------------------------------------------
+    # -- word by word (captioning.model.decode) ----------------------------------------------
     def start_decoding(self, encoded, copies: int = 1):
         """(memory, state) before the first word; every row repeated `copies` times (beams).
 

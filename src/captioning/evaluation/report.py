@@ -2,12 +2,12 @@
 
 `build_report` picks a seeded sample of evaluation images plus the best and
 worst by CIDEr, decodes them with the evaluate stage's settings through the
-shared `captioning.evaluation.decode_images` (in the very batches evaluate used,
+shared `captioning.evaluation.evaluate.decode_images` (in the very batches evaluate used,
 so the captions shown are the ones scored), draws one figure per image in the
 tutorial's style (one panel per generated word: the image with that word's
 attention grid upsampled and laid over it), and writes `index.html` with
 thumbnails, captions, scores and references. Images are read upright through
-`captioning.images.decode_image`, as the feature extractor reads them, so each
+`captioning.data.images.decode_image`, as the feature extractor reads them, so each
 attention grid lies over the pixels it was computed from. The page needs no
 server, network, CSS or JS from elsewhere: it links only to the PNG/JPG files
 written beside it. Outputs are byte-for-byte reproducible: no timestamps,
@@ -31,12 +31,12 @@ from PIL import Image
 
 from captioning.atomic_files import atomic_directory
 from captioning.config import EvaluateParams, ReportParams
-from captioning.decode import CaptionDecoder
-from captioning.evaluation import decode_images, references_by_image
+from captioning.data.images import decode_image
+from captioning.data.text import END, END_ID
+from captioning.evaluation.evaluate import decode_images, references_by_image
 from captioning.features import FeatureStore
-from captioning.images import decode_image
-from captioning.model import Captioner
-from captioning.text import END, END_ID
+from captioning.model.captioner import Captioner
+from captioning.model.decode import CaptionDecoder
 
 EXTREMES = 10  # images in each of the "best" and "worst" galleries
 GRID_COLUMNS = 5  # overlay panels per row, as in the tutorial

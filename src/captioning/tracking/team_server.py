@@ -11,7 +11,7 @@ it needs no database password: only its owner and root reach it. Debian's
 `initdb` and `postgres` refuse to run as root, so as root they run as the
 `postgres` user (`runuser`), with the data folder handed to that user.
 The admin password comes from `MLFLOW_AUTH_ADMIN_PASSWORD` and nothing here
-writes it anywhere. `python -m captioning.team_server` (`make team-server`)
+writes it anywhere. `python -m captioning.tracking.team_server` (`make team-server`)
 runs it all in the foreground until Ctrl-C.
 """
 
@@ -267,7 +267,9 @@ def team_server(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m captioning.team_server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m captioning.tracking.team_server", description=__doc__
+    )
     parser.add_argument(
         "--dir", default="build/team", help="state folder (cluster, artifacts, logs)"
     )

@@ -1,6 +1,6 @@
 """InceptionV3 input from an image: the one preprocessing for features, reports and serving.
 
-Pixels come from `captioning.images.decode_image` (every Pillow format, EXIF
+Pixels come from `captioning.data.images.decode_image` (every Pillow format, EXIF
 orientation applied, pixel bound checked); this module resizes them to the
 extractor's square input and scales them to [-1, 1] the way InceptionV3 was
 trained. `load_image` is the same chain as a graph op, for tf.data.
@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioning.images import DEFAULT_MAX_PIXELS, decode_image
+from captioning.data.images import DEFAULT_MAX_PIXELS, decode_image
 
 IMAGE_SIZE = 299  # InceptionV3's input side; params.yaml features.image_size
 
@@ -33,7 +33,7 @@ def preprocess_image(
 ) -> tf.Tensor:
     """Encoded image bytes or a file -> (image_size, image_size, 3) float32 in [-1, 1].
 
-    Raises `captioning.images.ImageReadError` for anything that is not a readable image.
+    Raises `captioning.data.images.ImageReadError` for anything that is not a readable image.
     """
     return preprocess_pixels(decode_image(source, max_pixels, name), image_size)
 

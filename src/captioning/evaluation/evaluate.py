@@ -1,12 +1,12 @@
 """Evaluation: caption a split, score it with coco-caption metrics, check the demo's grammar.
 
 `evaluate_split` is what the evaluate stage runs: batched decoding through
-`captioning.decode`, corpus and per-image scores through `captioning.metrics`
+`captioning.model.decode`, corpus and per-image scores through `captioning.evaluation.metrics`
 (coco-caption's, plus NLTK's corpus BLEU under `BLEU-n_nltk` keys), the same
 scores for one human reference against the others (how far the model is from
 people), and on the demo set the share of images whose generated caption names
 every object's kind, colour and position correctly, and how much of each named
-object's attention falls inside its box (`captioning.grounding`).
+object's attention falls inside its box (`captioning.data.demo_grounding`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from captioning import metrics
 from captioning.config import EvaluateParams
 from captioning.data.demo_captions import caption_correct
-from captioning.decode import CaptionDecoder, DecodeResult
+from captioning.data.demo_grounding import grounding_scores
+from captioning.evaluation import metrics
 from captioning.features import FeatureStore
-from captioning.grounding import grounding_scores
-from captioning.model import Captioner
+from captioning.model.captioner import Captioner
+from captioning.model.decode import CaptionDecoder, DecodeResult
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """The pull-request comment CI posts: the gate's table, training curves and attention overlays.
 
-`python -m captioning.ci_comment` (wrapped by `make ci-comment`) writes
+`python -m captioning.evaluation.ci_comment` (wrapped by `make ci-comment`) writes
 `build/ci/comment.md` beside the images it shows: `training_curves.png`, drawn
 from `dvc plots diff` (dvc.yaml's "Training curves", this run against the base)
 and a few attention overlays copied from `reports/attention/overlays/`. Then

@@ -2,10 +2,10 @@
 
 `validate_dataset` reads the layout (`captioning.data.coco_layout`), drops and
 counts null or whitespace-only captions, decodes every image once with the
-project's one image reader (`check_images` through `captioning.images`:
+project's one image reader (`check_images` through `captioning.data.images`:
 undecodable, truncated, empty and oversized files go to the quarantine list
 with a reason), runs the Great Expectations suites of
-`captioning.captions_suite` (`run_suite`), and writes the caption table, the
+`captioning.data.captions_suite` (`run_suite`), and writes the caption table, the
 validation report with GX data docs, and the quarantine list. Hard failures
 (nothing left, too much quarantined, a critical expectation failing) raise
 `ValidationError` after the reports are written, so the reason is on disk; the
@@ -31,10 +31,10 @@ import pandas as pd
 from PIL import Image, ImageFile
 
 from captioning.atomic_files import atomic_directory, atomic_path, atomic_write
-from captioning.captions_suite import HARD, build_suites, expectation_specs, suite_frames
 from captioning.config import SplitParams, ValidateParams
+from captioning.data.captions_suite import HARD, build_suites, expectation_specs, suite_frames
 from captioning.data.coco_layout import TABLE_COLUMNS, caption_table
-from captioning.images import ImageReadError, decode_image
+from captioning.data.images import ImageReadError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,11 @@ class ValidationError(RuntimeError):
 def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, str]:
     """Decode one image file fully: `(reason or None, width, height, detail)`.
 
-    Reads through `captioning.images.decode_image`, the reader features and
+    Reads through `captioning.data.images.decode_image`, the reader features and
     serving use: the format comes from the content, the pixel bound is checked
     from the header before any pixel is decoded, and width and height are
     those of the upright (EXIF-rotated) image. The reason is that of its
-    `ImageReadError`, one of `captioning.images.REASONS`.
+    `ImageReadError`, one of `captioning.data.images.REASONS`.
     """
     try:
         pixels = decode_image(path, max_pixels)  # (H, W, 3) uint8

@@ -7,7 +7,7 @@ the global batch in a compiled function (XLA where `jit_compile` is on: the
 collectives stay outside it, XLA does not compile them); the gradients are
 summed across replicas, then clipped and applied once, by an optimiser told
 not to sum them again. A replica's loss is its share of the single-device
-loss (`captioning.model.masked_loss`): token sums over the global batch's
+loss (`captioning.model.captioner.masked_loss`): token sums over the global batch's
 token count, the attention penalty over the global batch's rows, so the
 summed gradients, the clipping and the update are one device's on the same
 global batch, whatever the replica count. Every input pipeline builds the same
@@ -37,10 +37,10 @@ import numpy as np
 import tensorflow as tf
 
 from captioning.config import TrainParams
+from captioning.data.text import PAD_ID, Vocabulary
 from captioning.features import FeatureStore
-from captioning.model import Captioner, masked_loss
-from captioning.text import PAD_ID, Vocabulary
-from captioning.training import (
+from captioning.model.captioner import Captioner, masked_loss
+from captioning.training.loop import (
     BatchPlan,
     CaptionSet,
     EpochCheckpoint,

@@ -10,9 +10,9 @@ Keras 3 with three fixes users ask for:
 - InceptionV3 features are standardised by train-set statistics stored in the
   encoder, so random-init features (tiny values) train as well as ImageNet ones.
 
-`train.decoder: transformer` puts `captioning.transformer`'s decoder in the
+`train.decoder: transformer` puts `captioning.model.transformer`'s decoder in the
 GRU's place, over the same encoder, loss and training step; both decoders
-offer `start_decoding` / `decode_step` to `captioning.decode`.
+offer `start_decoding` / `decode_step` to `captioning.model.decode`.
 
 Every layer takes explicit constructor arguments, implements `get_config`, and
 is registered serialisable; the `Captioner` carries its `ModelConfig` and its
@@ -30,8 +30,8 @@ import tensorflow as tf
 from keras import layers
 
 from captioning.config import FeaturesParams, TrainParams
-from captioning.text import PAD_ID, Vocabulary
-from captioning.transformer import TransformerDecoder
+from captioning.data.text import PAD_ID, Vocabulary
+from captioning.model.transformer import TransformerDecoder
 
 PACKAGE = "captioning"
 DECODERS = ("gru", "transformer")  # TrainParams.decoder's choices
@@ -176,7 +176,7 @@ class AttentionGRUDecoder(layers.Layer):
     """Embedding -> attention over image locations -> GRU cell -> fc1 -> fc2 (logits).
 
     `step` decodes one word for a batch (used by every decoder in
-    `captioning.decode`); `call` runs teacher forcing over a whole sequence.
+    `captioning.model.decode`); `call` runs teacher forcing over a whole sequence.
     """
 
     def __init__(
@@ -266,7 +266,7 @@ class AttentionGRUDecoder(layers.Layer):
         """(memory, state) before the first word; every row repeated `copies` times (beams).
 
         memory: the per-batch constants `step` reads (features, attention keys,
-        loop weights); state: h0 (B, U). `captioning.decode` drives every
+        loop weights); state: h0 (B, U). `captioning.model.decode` drives every
         decoder through this and `decode_step`.
         """
         projected = self.attention.project_features(encoded)
@@ -338,7 +338,7 @@ def masked_loss(
     `ce` is always the plain cross-entropy, so runs with and without smoothing
     compare. `total_tokens` / `total_rows` divide by a larger batch's non-pad
     targets and captions instead of this batch's, so that a replica's result is
-    its share of the global batch's loss (captioning.distributed).
+    its share of the global batch's loss (captioning.training.distributed).
     """
     mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (B, T)
     tokens = tf.reduce_sum(mask) if total_tokens is None else total_tokens

@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from captioning.config import DecoderMethod, EvaluateParams
-from captioning.model import Captioner
-from captioning.text import END_ID, PAD_ID, START_ID
+from captioning.data.text import END_ID, PAD_ID, START_ID
+from captioning.model.captioner import Captioner
 
 
 @dataclasses.dataclass

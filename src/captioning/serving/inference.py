@@ -6,7 +6,7 @@ model's features were made with (recorded in the model's config, with a digest
 checked so a different extractor cannot silently produce nonsense), reads
 images with the project's one image reader and preprocessing (any format
 Pillow reads, EXIF orientation applied, pixel count bounded), and decodes in
-batches. An image that cannot be read raises `captioning.images.ImageReadError`
+batches. An image that cannot be read raises `captioning.data.images.ImageReadError`
 naming it and saying why.
 """
 
@@ -19,11 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
-from captioning.decode import CaptionDecoder, DecodeResult
+from captioning.data.images import DEFAULT_MAX_PIXELS, ImageReadError
 from captioning.features import build_extractor, weights_digest
-from captioning.images import DEFAULT_MAX_PIXELS, ImageReadError
-from captioning.model import Captioner, load_captioner
-from captioning.preprocessing import preprocess_image
+from captioning.features.preprocessing import preprocess_image
+from captioning.model.captioner import Captioner, load_captioner
+from captioning.model.decode import CaptionDecoder, DecodeResult
 
 
 class ImageCaptioner:

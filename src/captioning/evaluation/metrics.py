@@ -43,7 +43,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from captioning.text import clean_caption
+from captioning.data.text import clean_caption
 
 #: What `COCOEvalCap.evaluate()` computes.
 COCO_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -248,7 +248,7 @@ def nltk_bleu(
 
     Keys `BLEU-1_nltk` .. `BLEU-4_nltk`; only the candidates' images are scored.
     Tokens are `nltk_tokens`: the project's own caption cleaning
-    (`captioning.text.clean_caption`: lower case, ASCII letters, digits and
+    (`captioning.data.text.clean_caption`: lower case, ASCII letters, digits and
     apostrophes) split on spaces, the lower-case, punctuation-free word lists
     that captioning code commonly hands to NLTK. coco-caption's PTB tokenizer
     differs: it splits clitics ("man's" -> "man 's", "don't" -> "do n't"),

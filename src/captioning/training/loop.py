@@ -27,14 +27,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioning import metrics
 from captioning.atomic_files import atomic_path, atomic_write
 from captioning.config import EvaluateParams, TrainParams
 from captioning.data.demo_captions import caption_correct
-from captioning.decode import CaptionDecoder
+from captioning.data.text import PAD_ID, Vocabulary
+from captioning.evaluation import metrics
 from captioning.features import FeatureStore
-from captioning.model import Captioner, ModelConfig, build_captioner, decoder_settings
-from captioning.text import PAD_ID, Vocabulary
+from captioning.model.captioner import Captioner, ModelConfig, build_captioner, decoder_settings
+from captioning.model.decode import CaptionDecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +341,10 @@ def code_fingerprint() -> str:
 
     config is among them: the val captions are decoded with evaluate's defaults.
     """
-    from captioning import config, decode, metrics, model, transformer
+    from captioning import config
+    from captioning.evaluation import metrics
+    from captioning.model import captioner as model
+    from captioning.model import decode, transformer
 
     digest = hashlib.sha256()
     for module in (model, transformer, decode, metrics, config):

@@ -1,6 +1,6 @@
 """The file MLflow runs to build the served captioner ("models from code").
 
-`captioning.serving.log_captioner_model` logs this file's path as the pyfunc
+`captioning.serving.pyfunc.log_captioner_model` logs this file's path as the pyfunc
 `python_model`: MLflow copies it into the model and executes it on every load,
 with the model's `code/` folder (this package) importable, so loading a model
 runs reviewed source instead of unpickling an object. Executing it registers a
@@ -11,6 +11,6 @@ this module.
 
 import mlflow
 
-from captioning.serving import CaptionerModel
+from captioning.serving.pyfunc import CaptionerModel
 
 mlflow.models.set_model(CaptionerModel())

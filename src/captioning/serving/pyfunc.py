@@ -1,7 +1,7 @@
 """The served captioner: an MLflow pyfunc model that turns raw image bytes into captions.
 
 `CaptionerModel` is what `mlflow models serve` loads. Its `load_context` loads
-the trained `.keras` captioner and hands it to `captioning.inference.ImageCaptioner`,
+the trained `.keras` captioner and hands it to `captioning.serving.inference.ImageCaptioner`,
 which rebuilds the InceptionV3 extractor the model was trained with (seeded
 random weights, or a weights file logged beside the model) and checks its
 digest. Its `predict` takes base64-encoded images in any format Pillow reads
@@ -37,11 +37,11 @@ from PIL import Image
 
 import captioning
 from captioning.config import EvaluateParams, RegisterParams
-from captioning.decode import DecodeResult
+from captioning.data.images import ImageReadError, image_size
 from captioning.features import imagenet_weights_path
-from captioning.images import ImageReadError, image_size
-from captioning.inference import ImageCaptioner
-from captioning.model import load_captioner
+from captioning.model.captioner import load_captioner
+from captioning.model.decode import DecodeResult
+from captioning.serving.inference import ImageCaptioner
 
 IMAGE_COLUMN = "image"
 DECODERS = ("greedy", "sample", "beam")
@@ -52,7 +52,7 @@ EXTRACTOR_ARTIFACT = "extractor_weights"
 CAPTIONER_ARTIFACT = "captioner"
 # The models-from-code file MLflow runs to build `CaptionerModel` on load.
 MODEL_CODE = Path(__file__).with_name("served_model.py")
-# What `import captioning.serving` and the model's own code need at serve time.
+# What `import captioning.serving.pyfunc` and the model's own code need at serve time.
 PINNED_DISTRIBUTIONS = (
     ("tensorflow-cpu", "tensorflow"),  # either distribution provides `tensorflow`
     ("keras",),
