@@ -132,14 +132,14 @@ def replay_table(histories: list[Path], budget: int) -> list[dict]:
         half = budget // 2
         rules = {
             "raw, patience 3 epochs of 2,000 pairs (the old default)": StoppingRule(
-                "val_CIDEr", 1, 0.0, 3 * 2000
+                "val_CIDEr", 1, 0.0, 3 * 2000, 0
             ),
-            "raw, patience 15,000 pairs": StoppingRule("val_CIDEr", 1, 0.0, 15000),
+            "raw, patience 15,000 pairs": StoppingRule("val_CIDEr", 1, 0.0, 15000, 0),
             "mean of 3, min_delta 0.01, patience 9,000 pairs": StoppingRule(
-                "val_CIDEr", 3, 0.01, 9000
+                "val_CIDEr", 3, 0.01, 9000, 0
             ),
             "mean of 3, min_delta 0.01, patience 15,000 pairs": StoppingRule(
-                "val_CIDEr", 3, 0.01, 15000
+                "val_CIDEr", 3, 0.01, 15000, 0
             ),
             "mean of 3, min_delta 0.01, patience 15,000 pairs, not before half (default)": (
                 StoppingRule("val_CIDEr", 3, 0.01, 15000, half)

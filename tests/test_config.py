@@ -166,3 +166,70 @@ def test_wrong_mappings_fail_loudly(raw, message):
     with pytest.raises(ConfigError) as err:
         from_dict(GatesParams, "gates", raw)
     assert message in str(err.value)
+
+
+def _params_values() -> dict[str, list]:
+    """{key: [its params.yaml value in every section that has it]}."""
+    values: dict[str, list] = {}
+    for section in read_params(REPO_ROOT / "params.yaml").values():
+        for key, value in (section or {}).items():
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def _second_homes(classes, params_values) -> list[str]:
+    """Fields of `classes` named like a params key whose default disagrees with params.yaml."""
+    found = []
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if field.name not in params_values:
+                continue
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                continue
+            if default not in params_values[field.name]:
+                found.append(
+                    f"{cls.__module__}.{cls.__qualname__}.{field.name} = {default!r} "
+                    f"(params.yaml: {params_values[field.name]})"
+                )
+    return found
+
+
+def _package_dataclasses() -> list[type]:
+    import importlib
+    import pkgutil
+
+    import captioning
+
+    classes = []
+    for module_info in pkgutil.walk_packages(captioning.__path__, "captioning."):
+        if module_info.name == "captioning.serving.served_model":
+            continue  # MLflow's model-from-code file: importing it registers a model
+        module = importlib.import_module(module_info.name)
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
+                classes.append(obj)
+    return [c for c in classes if c not in set(SECTIONS.values())]
+
+
+def test_no_dataclass_in_the_package_is_a_second_home_for_a_params_default():
+    classes = _package_dataclasses()
+    assert len(classes) > 5  # the walk reached the package's modules
+    assert _second_homes(classes, _params_values()) == []
+
+
+def test_the_second_home_check_catches_a_default_added_to_a_dataclass():
+    @dataclasses.dataclass
+    class Rule:
+        smoothing_epochs: int = 1  # params.yaml says 3
+
+    @dataclasses.dataclass
+    class Fine:
+        smoothing_epochs: int = TrainParams.smoothing_epochs
+        monitor: str = "not a params key"
+
+    found = _second_homes([Rule, Fine], _params_values())
+    assert len(found) == 1 and "Rule.smoothing_epochs = 1" in found[0]

@@ -371,14 +371,15 @@ class StoppingRule:
     epochs. The average improves when it beats its best so far by more than
     `min_delta`; the run stops after `patience_pairs` caption pairs without
     an improvement, but not before `start_pairs`. A run that ends on an
-    improvement was still improving.
+    improvement was still improving. No field has a default: `StoppingRule.of`
+    takes them from `TrainParams`, their one home.
     """
 
-    monitor: str = "val_loss"
-    smoothing_epochs: int = 1
-    min_delta: float = 0.0
-    patience_pairs: int = 0  # 0: never stop early
-    start_pairs: int = 0
+    monitor: str
+    smoothing_epochs: int
+    min_delta: float
+    patience_pairs: int  # 0: never stop early
+    start_pairs: int
 
     @classmethod
     def of(cls, params: TrainParams) -> StoppingRule:
