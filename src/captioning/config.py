@@ -20,7 +20,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from captioning.data.images import DEFAULT_MAX_PIXELS
+# Pillow's own bound (Image.MAX_IMAGE_PIXELS); `validate.max_pixels`,
+# `register.max_pixels` and the image reader default to it, and a test keeps them equal.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow's own bound (Image.MAX_IMAGE_PIXELS); params.yaml `validate.max_pixels`
-# and `register.max_pixels` default to it, and a test keeps them equal.
-DEFAULT_MAX_PIXELS = 89_478_485
+from captioning.config import DEFAULT_MAX_PIXELS
 
 REASONS = ("empty_file", "missing_file", "too_large", "undecodable", "truncated", "decode_error")
 
