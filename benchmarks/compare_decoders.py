@@ -29,13 +29,14 @@ import pandas as pd
 import yaml
 
 from captioning.config import TrainParams, from_dict, load_section
-from captioning.data.sources import demo_objects
+from captioning.data.sources import source_scorer
 from captioning.data.text import Vocabulary
 from captioning.evaluation.evaluate import decode_images, evaluate_split
 from captioning.features import FeatureStore
 from captioning.model.captioner import Captioner
 from captioning.serving.inference import ImageCaptioner
-from captioning.training.loop import CaptionSet, fit_captioner
+from captioning.training.batches import CaptionSet
+from captioning.training.fit import fit_captioner
 
 QUALITY = ("BLEU-4", "CIDEr", "object_accuracy", "grounding", "grounding_chance", "mean_words")
 LATENCY_REPEATS = 10
@@ -76,7 +77,7 @@ def train_one(project: Path, params: TrainParams, workdir: Path) -> tuple[Captio
     model, summary = fit_captioner(
         store, vocabulary, train, val, params, extractor,
         workdir / "checkpoints", workdir / "history.csv", callbacks=[timer],
-        val_references=references, val_objects=demo_objects(project / "data" / "raw"),
+        val_references=references, val_scorer=source_scorer(project / "data" / "raw"),
     )  # fmt: skip
     pairs_per_step = params.batch_size  # captions_per_image 0 or 1: one caption per row
     return model, {
@@ -95,7 +96,7 @@ def score_and_time(project: Path, model: Captioner, method: str, beam_size: int)
     )
     store = FeatureStore(project / "data" / "features")
     table = pd.read_parquet(project / "data" / "interim" / "captions.parquet")
-    result = evaluate_split(model, store, table, params, demo_objects(project / "data" / "raw"))
+    result = evaluate_split(model, store, table, params, source_scorer(project / "data" / "raw"))
     start = time.perf_counter()  # evaluate_split traced every batch shape already
     decode_images(model, store, result.image_ids, params)
     seconds = time.perf_counter() - start

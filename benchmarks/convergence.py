@@ -91,7 +91,7 @@ def run_one(root: Path, budget: int, seed: int, histories: Path, extra: dict | N
         histories / f"{root.name}-{budget}-{seed}{suffix}.csv",
     )
     from captioning.config import load_section
-    from captioning.training.loop import StoppingRule
+    from captioning.training.budget import StoppingRule
 
     rule = StoppingRule.of(load_section("train", root / "params.yaml"))
     values = [row[rule.monitor] for row in history]
@@ -122,7 +122,8 @@ def replay(values: list[float], rule, pairs_per_epoch: int) -> tuple[int, float]
 
 def replay_table(histories: list[Path], budget: int) -> list[dict]:
     """The stopping rules side by side on recorded histories of `budget` pairs (`--replay`)."""
-    from captioning.training.loop import StoppingRule, read_history
+    from captioning.training.budget import StoppingRule
+    from captioning.training.checkpoints import read_history
 
     rows = []
     for path in histories:

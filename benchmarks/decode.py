@@ -34,7 +34,7 @@ from benchmarks.workspace import (
     tutorial_model,
 )
 from captioning.config import EvaluateParams, load_section
-from captioning.data.sources import REF_NAME, demo_objects
+from captioning.data.sources import REF_NAME, source_scorer
 from captioning.data.text import END_ID, PAD_ID, START_ID
 from captioning.evaluation.evaluate import decode_images, evaluate_split, references_by_image
 from captioning.features import INDEX_FILE, FeatureStore
@@ -277,7 +277,7 @@ def bench_decoders(ws: Workspace) -> Result:
     table, image_ids = _evaluation_set(paths, params, ws.sizes.decoders_images)
     model = load_captioner(str(paths["model"]))
     store = FeatureStore(paths["features"])
-    objects = demo_objects(paths["raw"])
+    objects = source_scorer(paths["raw"])
     result = Result(
         f"decoders: greedy vs beam 3 vs beam 5 on the {params.split} split "
         f"({len(image_ids)} images, max_len {params.max_len}, batch {params.batch_size}), "

@@ -61,8 +61,8 @@ def run_worker(data: Path, out: Path, params: dict) -> None:
     from captioning.config import TrainParams, from_dict
     from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
+    from captioning.training.batches import CaptionSet
     from captioning.training.distributed import train_distributed
-    from captioning.training.loop import CaptionSet
 
     class StepTimes(keras.callbacks.Callback):
         def __init__(self):

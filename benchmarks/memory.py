@@ -36,7 +36,7 @@ from benchmarks.workspace import (
     write_fake_store,
 )
 from captioning.features import FeatureStore
-from captioning.training.loop import CaptionSet, caption_batches
+from captioning.training.batches import CaptionSet, caption_batches
 
 CHILD_PREFIX = "BENCH_CHILD "
 GROWTH_TARGET = 0.10  # peak anonymous RSS may grow this much for several times the data

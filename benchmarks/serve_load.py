@@ -43,7 +43,7 @@ from captioning.features import build_extractor, weights_digest
 from captioning.model.captioner import ModelConfig, build_captioner
 from captioning.serving.pyfunc import ServingConfig, log_captioner_model
 from captioning.tracking import runs as tracking
-from captioning.training.loop import save_model
+from captioning.training.checkpoints import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

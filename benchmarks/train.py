@@ -42,7 +42,8 @@ from benchmarks.workspace import (
 from captioning.config import TrainParams
 from captioning.data.text import PAD_ID
 from captioning.model.captioner import Captioner
-from captioning.training.distributed import distributed_optimizer, distributed_step, make_strategy
+from captioning.training.distributed import distributed_step, make_strategy
+from captioning.training.engine import make_optimizer
 
 # ----------------------------------------------------------------------------- the tutorial's loop
 
@@ -247,7 +248,7 @@ def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
     keras.mixed_precision.set_global_policy(precision)
     try:
         model = tutorial_model(vocab_size)
-        optimizer = distributed_optimizer(params, steps=len(data))
+        optimizer = make_optimizer(params, len(data), summed=True)
         optimizer.build(model.trainable_variables)
         step = distributed_step(make_strategy("none"), model, optimizer, params.jit_compile)
         iterator = iter(_step_elements(data))

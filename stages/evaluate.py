@@ -9,7 +9,7 @@ import pandas as pd
 
 from captioning.atomic_files import atomic_path, atomic_write
 from captioning.config import load_section
-from captioning.data.sources import demo_objects
+from captioning.data.sources import source_scorer
 from captioning.evaluation.evaluate import evaluate_split, scores_by_length
 from captioning.features import FeatureStore
 from captioning.model.captioner import load_captioner
@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--features", required=True)
     parser.add_argument("--table", required=True)
-    parser.add_argument("--raw", required=True, help="download output (finds demo object boxes)")
+    parser.add_argument(
+        "--raw", required=True, help="download output (finds the source's own scorer)"
+    )
     parser.add_argument("--run", required=True, help="JSON naming the training MLflow run")
     parser.add_argument("--predictions", required=True, help="COCO results JSON to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
@@ -30,13 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("evaluate")
 
-    objects = demo_objects(args.raw)
     result = evaluate_split(
         load_captioner(args.model),
         FeatureStore(args.features),
         pd.read_parquet(args.table),
         params,
-        objects,
+        source_scorer(args.raw),
     )
     atomic_write(args.predictions, json.dumps(result.predictions, indent=1) + "\n")
     with atomic_path(args.per_image, ".csv") as tmp:

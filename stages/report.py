@@ -13,7 +13,8 @@ from captioning.evaluation.report import build_report
 from captioning.features import FeatureStore
 from captioning.model.captioner import load_captioner
 from captioning.tracking import runs as tracking
-from captioning.training.loop import StoppingRule, read_history, still_improving_warning
+from captioning.training.budget import StoppingRule, still_improving_warning
+from captioning.training.checkpoints import read_history
 
 
 def main() -> None:

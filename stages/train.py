@@ -11,20 +11,15 @@ import mlflow
 import pandas as pd
 
 from captioning.config import load_section, read_params
-from captioning.data.sources import demo_objects
+from captioning.data.sources import source_scorer
 from captioning.data.text import Vocabulary
 from captioning.evaluation.evaluate import references_by_image
 from captioning.features import FeatureStore
 from captioning.tracking import runs as tracking
+from captioning.training.batches import CaptionSet
+from captioning.training.budget import StoppingRule, still_improving_warning
+from captioning.training.checkpoints import read_history, save_model, settings_fingerprint
 from captioning.training.distributed import is_chief, train_distributed, trainer
-from captioning.training.loop import (
-    CaptionSet,
-    StoppingRule,
-    read_history,
-    save_model,
-    settings_fingerprint,
-    still_improving_warning,
-)
 
 
 def main() -> None:
@@ -32,7 +27,9 @@ def main() -> None:
     parser.add_argument("--features", required=True)
     parser.add_argument("--tokens", required=True)
     parser.add_argument("--table", required=True, help="caption table (val references)")
-    parser.add_argument("--raw", required=True, help="download output (finds demo object boxes)")
+    parser.add_argument(
+        "--raw", required=True, help="download output (finds the source's own scorer)"
+    )
     parser.add_argument("--model", required=True, help="output .keras file")
     parser.add_argument("--checkpoints", required=True, help="per-epoch state, kept for resuming")
     parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
@@ -90,7 +87,7 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict, str 
             args.history,
             callbacks=[tracking.EpochLogger()],
             val_references=val_references,
-            val_objects=demo_objects(args.raw),
+            val_scorer=source_scorer(args.raw),
         )
         save_model(model, args.model)
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
@@ -120,7 +117,7 @@ def train_as_worker(args: argparse.Namespace) -> dict:
             Path(scratch) / "checkpoints",
             Path(scratch) / "history.csv",
             val_references=references_by_image(pd.read_parquet(args.table), "val"),
-            val_objects=demo_objects(args.raw),
+            val_scorer=source_scorer(args.raw),
         )
     return summary
 

@@ -65,7 +65,7 @@ def demo_trained_captioner(tiny_captioner):
     from captioning.data.text import Vocabulary, clean_caption
     from captioning.features import build_extractor, weights_digest
     from captioning.features.preprocessing import preprocess_image
-    from captioning.training.loop import save_model
+    from captioning.training.checkpoints import save_model
 
     def train(root, *, seed=0, epochs=40, train_images=16, val_images=4, **config):
         demo = root / "demo"

@@ -53,8 +53,8 @@ def main() -> None:
     from captioning.config import TrainParams, from_dict
     from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
+    from captioning.training.batches import CaptionSet
     from captioning.training.distributed import trainer
-    from captioning.training.loop import CaptionSet
 
     class KillAt(keras.callbacks.Callback):
         """A crash after step `step` of epoch `epoch` (chief only: callbacks run there)."""

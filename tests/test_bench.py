@@ -20,7 +20,7 @@ from benchmarks.train import loop_logits
 
 from captioning.config import load_section
 from captioning.data.demo import generate_demo
-from captioning.data.sources import demo_objects, write_dataset_ref
+from captioning.data.sources import source_scorer, write_dataset_ref
 from captioning.data.text import Vocabulary, clean_caption
 from captioning.evaluation.evaluate import evaluate_split
 from captioning.features import FeatureStore, build_extractor, extract_features
@@ -121,7 +121,7 @@ def test_decoders_benchmark_scores_and_times_each_decoder(tmp_path, monkeypatch,
         FeatureStore(project / "data" / "features"),
         pd.read_parquet(project / "data" / "interim" / "captions.parquet"),
         load_section("evaluate", project / "params.yaml"),
-        demo_objects(project / "data" / "raw"),
+        source_scorer(project / "data" / "raw"),
     ).corpus
     greedy = entry["rows"][0]
     assert {m: greedy[m] for m in QUALITY + DEMO_QUALITY} == pytest.approx(

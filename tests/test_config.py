@@ -102,7 +102,7 @@ def test_model_config_feature_shape_is_the_extractors_at_the_default_image_size(
 def test_decoding_defaults_are_the_evaluate_stages():
     from captioning.cli import build_parser
     from captioning.model.decode import CaptionDecoder
-    from captioning.training.loop import ValCaptionScore
+    from captioning.training.callbacks import ValCaptionScore
 
     evaluate = EvaluateParams()
     caption = build_parser().parse_args(["caption", "image.jpg"])

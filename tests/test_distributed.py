@@ -143,7 +143,6 @@ def test_replica_shares_sum_to_the_single_device_loss():
     import tensorflow as tf
 
     from captioning.model.captioner import masked_loss
-    from captioning.training.distributed import replica_loss
 
     rng = np.random.default_rng(0)
     targets = rng.integers(1, 9, (6, 7)).astype(np.int32)
@@ -154,21 +153,20 @@ def test_replica_shares_sum_to_the_single_device_loss():
     tokens = np.float32((targets != 0).sum())
     whole = masked_loss(targets, logits, weights, 0.7, 0.1)
     halves = [
-        replica_loss(targets[s], logits[s], weights[s], tokens, np.float32(6), 0.7, 0.1)
+        masked_loss(targets[s], logits[s], weights[s], 0.7, 0.1, tokens, np.float32(6))
         for s in (slice(0, 2), slice(2, 6))
     ]
-    summed = [float(a + b) for a, b in zip(*halves, strict=False)]
-    np.testing.assert_allclose(summed[:3], [float(x) for x in whole], rtol=1e-6)
-    one = replica_loss(targets, logits, weights, tokens, np.float32(6), 0.7, 0.1)
-    np.testing.assert_allclose([float(x) for x in one[:3]], [float(x) for x in whole], rtol=1e-6)
+    summed = [float(a + b) for a, b in zip(*halves, strict=True)]
+    np.testing.assert_allclose(summed, [float(x) for x in whole], rtol=1e-6)
+    one = masked_loss(targets, logits, weights, 0.7, 0.1, tokens, np.float32(6))
+    np.testing.assert_allclose([float(x) for x in one], [float(x) for x in whole], rtol=1e-6)
 
 
 @pytest.mark.parametrize("captions_per_image", [0, 2])
 def test_each_caption_pair_is_read_once_per_epoch_across_pipelines(data, captions_per_image):
     from captioning.config import TrainParams
     from captioning.features import FeatureStore
-    from captioning.training.distributed import ShardedBatches
-    from captioning.training.loop import BatchPlan, CaptionSet
+    from captioning.training.batches import BatchPlan, CaptionSet, ShardedBatches
 
     train = CaptionSet.load(data / "tokens", "train")
     params = TrainParams(batch_size=8, captions_per_image=captions_per_image, seed=3)
@@ -201,8 +199,8 @@ def _train_here(data: Path, out: Path, train=None, **params):
     from captioning.config import TrainParams
     from captioning.data.text import Vocabulary
     from captioning.features import FeatureStore
+    from captioning.training.batches import CaptionSet
     from captioning.training.distributed import trainer
-    from captioning.training.loop import CaptionSet
 
     settings = TrainParams(**{**PARAMS, "deterministic": False, "budget_pairs": 48, **params})
     references = {int(k): v for k, v in json.loads((data / "references.json").read_text()).items()}
@@ -224,7 +222,7 @@ def _train_here(data: Path, out: Path, train=None, **params):
 def test_the_loop_on_one_device_trains_as_fit(data, tmp_path):
     from captioning.config import TrainParams
     from captioning.training.distributed import train_distributed, trainer
-    from captioning.training.loop import fit_captioner
+    from captioning.training.fit import fit_captioner
 
     assert trainer(TrainParams()) is fit_captioner  # the defaults: today's path
     fitted = _train_here(data, tmp_path / "fit")

@@ -1,9 +1,11 @@
-"""Attention grounding: box coverage on the attention grid and per-noun attention mass."""
+"""The demo's own scores: box coverage, per-noun attention mass, object accuracy, the plug-in."""
+
+import json
 
 import numpy as np
 import pytest
 
-from captioning.data.demo_grounding import box_coverage, grounding_scores, noun_groundings
+from captioning.data.demo_scoring import box_coverage, grounding_scores, noun_groundings
 
 OBJECTS = [
     {"kind": "circle", "colour": "red", "position": "top left", "bbox": [0, 0, 74.75, 74.75]},
@@ -44,3 +46,46 @@ def test_wrong_mentions_are_not_grounded():
     caption = "a green circle in the top left corner"  # wrong colour: no such object
     assert noun_groundings(caption, np.full((8, 64), 1 / 64), OBJECTS) == []
     assert grounding_scores([caption], [np.zeros((8, 64))], [OBJECTS])["grounded_nouns"] == 0
+
+
+def test_the_demo_scorer_gives_object_accuracy_per_image_and_grounding_per_corpus():
+    from captioning.data.demo_scoring import DemoScorer
+
+    scorer = DemoScorer({1: OBJECTS, 2: OBJECTS[:1]})
+    right = "a red circle in the top left corner and a blue star in the bottom right corner"
+    columns, corpus = scorer.caption_scores([1, 2], [right, "a blue circle in the top left"])
+    assert columns == {"objects_correct": [True, False]}
+    assert corpus == {"object_accuracy": 0.5}
+    uniform = np.full((len(right.split()), 64), 1 / 64)
+    scores = scorer.attention_scores([1], [right], [uniform])
+    assert scores == grounding_scores([right], [uniform], [OBJECTS])
+
+
+def test_only_a_source_with_its_own_truth_has_a_scorer(tmp_path):
+    from captioning.data.demo_scoring import DemoScorer
+    from captioning.data.sources import source_scorer, write_dataset_ref
+
+    annotations = tmp_path / "coco" / "annotations"
+    annotations.mkdir(parents=True)
+    instances = {
+        "images": [{"id": 7}],
+        "categories": [{"id": 1, "name": "circle"}],
+        "annotations": [
+            {
+                "image_id": 7,
+                "category_id": 1,
+                "bbox": [0, 0, 10, 10],
+                "attributes": {"colour": "red", "size": "small", "position": "top left"},
+            }
+        ],
+    }
+    for split in ("train", "val"):
+        (annotations / f"instances_{split}2014.json").write_text(json.dumps(instances))
+    write_dataset_ref(tmp_path, "demo", tmp_path / "coco")
+    scorer = source_scorer(tmp_path)
+    assert isinstance(scorer, DemoScorer)
+    assert scorer.caption_scores([7], ["a red circle in the top left corner"])[1] == {
+        "object_accuracy": 1.0
+    }
+    write_dataset_ref(tmp_path, "local", tmp_path / "coco")
+    assert source_scorer(tmp_path) is None

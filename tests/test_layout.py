@@ -50,3 +50,15 @@ def test_every_subpackage_says_what_it_is_for():
     for init in PACKAGE.glob("*/__init__.py"):
         text = init.read_text()
         assert text.startswith('"""') and len(text.split('"""')[1]) > 80, init
+
+
+def test_no_data_set_is_known_by_name_outside_data():
+    """Data-set-specific scores come through the source's scorer plug-in (`data.scorers`)."""
+    specific = re.compile(r"^\s*(?:from|import) captioning\.data\.(demo\w*|coco\w*|flickr)", re.M)
+    offenders = [
+        f"{path.relative_to(PACKAGE)} imports captioning.data.{name}"
+        for path in PACKAGE.rglob("*.py")
+        if _unit(path) != "data"
+        for name in specific.findall(path.read_text())
+    ]
+    assert offenders == []

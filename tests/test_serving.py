@@ -48,7 +48,7 @@ from captioning.serving.pyfunc import (
     log_captioner_model,
     request_images,
 )
-from captioning.training.loop import save_model
+from captioning.training.checkpoints import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -20,22 +20,18 @@ from captioning.config import TrainParams
 from captioning.data.text import Vocabulary
 from captioning.features import FeatureStore, build_extractor, extract_features
 from captioning.model.captioner import masked_loss
-from captioning.training.loop import (
+from captioning.training.batches import (
     BatchPlan,
     CaptionSet,
-    EpochCheckpoint,
-    HeldOutLoss,
-    StoppingRule,
-    TrainingBudget,
     caption_arrays,
     caption_batches,
-    fit_captioner,
-    make_optimizer,
-    read_history,
     steps_per_epoch,
-    still_improving_warning,
-    val_sample,
 )
+from captioning.training.budget import StoppingRule, TrainingBudget, still_improving_warning
+from captioning.training.callbacks import HeldOutLoss, val_sample
+from captioning.training.checkpoints import EpochCheckpoint, read_history
+from captioning.training.engine import make_optimizer
+from captioning.training.fit import fit_captioner
 
 SIZE = 75
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -287,11 +283,11 @@ def test_image_major_loss_equals_the_per_caption_loss(data, tiny_captioner):
     features, tokens = next(
         caption_batches(store, sets["train"], 6, 0, captions_per_image=3).as_numpy_iterator()
     )
-    grouped = model._loss((features, tokens), training=False)
-    flat = model._loss(
+    grouped = model.figures((features, tokens), training=False)
+    flat = model.figures(
         (np.repeat(features, 3, axis=0), tokens.reshape(-1, tokens.shape[-1])), training=False
     )
-    for a, b in zip(grouped[:3], flat[:3], strict=True):
+    for a, b in zip(grouped, flat, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
 
 

@@ -8,5 +8,6 @@ that layout into the caption table that every later stage uses. `images` is
 the one image reader (serving, validation, features, reports), `text` the one
 caption cleaner and vocabulary, `validation` (with `captions_suite`) the
 validate stage's checks. A source may provide scores only its data supports
-(`sources.source_scorer`; the demo's object accuracy and grounding).
+(`scorers.SourceScorer`, found by `sources.source_scorer`; the demo's object
+accuracy and grounding in `demo_scoring`).
 """

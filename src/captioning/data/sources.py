@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from captioning.atomic_files import write_if_changed
 from captioning.config import DataParams
 from captioning.data.demo import generate_demo
 from captioning.data.demo_captions import load_objects
+from captioning.data.demo_scoring import DemoScorer
+from captioning.data.scorers import SourceScorer
 
 REF_NAME = "dataset.json"
 LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
@@ -74,16 +77,27 @@ def read_dataset_ref(raw_dir: str | Path) -> dict:
     return json.loads(ref.read_text())
 
 
-def demo_objects(raw_dir: str | Path) -> dict[int, list[dict]] | None:
-    """Object truth (kind, colour, position, box) of every image when the source is the demo.
+def source_scorer(raw_dir: str | Path) -> SourceScorer | None:
+    """The current source's own scorer (`captioning.data.scorers`), or None when it has none.
 
-    None for any other source: only the demo's scenes are known exactly.
+    Only the demo has one: its scenes are known exactly (every object's kind,
+    colour, position and box).
     """
     dataset = read_dataset_ref(raw_dir)
-    if dataset["source"] != "demo":
-        return None
-    annotations = Path(dataset["root"]) / "annotations"
-    return {
-        **load_objects(annotations / "instances_train2014.json"),
-        **load_objects(annotations / "instances_val2014.json"),
-    }
+    factory = SCORERS.get(dataset["source"])
+    return factory(Path(dataset["root"])) if factory else None
+
+
+def demo_scorer(root: Path) -> DemoScorer:
+    """The demo's scorer, from the object truth of both splits' instance files."""
+    annotations = root / "annotations"
+    return DemoScorer(
+        {
+            **load_objects(annotations / "instances_train2014.json"),
+            **load_objects(annotations / "instances_val2014.json"),
+        }
+    )
+
+
+# A source that knows more about its images than their captions registers its scorer here.
+SCORERS: dict[str, Callable[[Path], SourceScorer]] = {"demo": demo_scorer}

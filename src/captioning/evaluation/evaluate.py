@@ -1,12 +1,11 @@
-"""Evaluation: caption a split, score it with coco-caption metrics, check the demo's grammar.
+"""Evaluation: caption a split, score it with coco-caption metrics and the source's own scores.
 
 `evaluate_split` is what the evaluate stage runs: batched decoding through
 `captioning.model.decode`, corpus and per-image scores through `captioning.evaluation.metrics`
 (coco-caption's, plus NLTK's corpus BLEU under `BLEU-n_nltk` keys), the same
 scores for one human reference against the others (how far the model is from
-people), and on the demo set the share of images whose generated caption names
-every object's kind, colour and position correctly, and how much of each named
-object's attention falls inside its box (`captioning.data.demo_grounding`).
+people), and the scores of the data source's own `SourceScorer` when it has
+one (`captioning.data.scorers`; on the demo: object accuracy and grounding).
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import numpy as np
 import pandas as pd
 
 from captioning.config import EvaluateParams
-from captioning.data.demo_captions import caption_correct
-from captioning.data.demo_grounding import grounding_scores
+from captioning.data.scorers import SourceScorer
 from captioning.evaluation import metrics
 from captioning.features import FeatureStore
 from captioning.model.captioner import Captioner
@@ -99,9 +97,9 @@ def evaluate_split(
     store: FeatureStore,
     table: pd.DataFrame,
     params: EvaluateParams,
-    objects: dict[int, list[dict]] | None = None,
+    scorer: SourceScorer | None = None,
 ) -> Evaluation:
-    """Decode `params.split`, score it, and (demo) check captions against the scene truth."""
+    """Decode `params.split` and score it with coco-caption's metrics and `scorer`'s."""
     references = references_by_image(table, params.split)
     if not references:
         raise ValueError(f"split {params.split!r} has no images in the caption table")
@@ -112,10 +110,13 @@ def evaluate_split(
 
     per_image = _per_image_table(image_ids, decoded, scored, references)
     corpus = dict(scored.corpus)
-    if objects is not None:
-        correct, demo_scores = _demo_scores(image_ids, decoded, objects)
-        per_image["objects_correct"] = correct
-        corpus.update(demo_scores)
+    if scorer is not None:
+        columns, scores = scorer.caption_scores(image_ids.tolist(), decoded.captions)
+        for name, values in columns.items():
+            per_image[name] = values
+        corpus.update(scores)
+        attentions = [decoded.attention_for(i) for i in range(len(image_ids))]
+        corpus.update(scorer.attention_scores(image_ids.tolist(), decoded.captions, attentions))
     corpus["num_images"] = len(image_ids)
     corpus["mean_words"] = float(decoded.lengths.mean())
     human = metrics.human_agreement(references, metrics=("BLEU", "CIDEr"))
@@ -144,25 +145,6 @@ def _per_image_table(
         float(np.mean([len(r.split()) for r in references[int(i)]])) for i in image_ids
     ]
     return per_image
-
-
-def _demo_scores(
-    image_ids: np.ndarray, decoded: DecodeResult, objects: dict[int, list[dict]]
-) -> tuple[list[bool], dict[str, float]]:
-    """Per image, whether the caption names every object right; corpus accuracy and grounding."""
-    correct = [
-        caption_correct(c, objects.get(int(i), []))
-        for i, c in zip(image_ids, decoded.captions, strict=True)
-    ]
-    scores = {"object_accuracy": float(np.mean(correct))}
-    scores.update(
-        grounding_scores(
-            decoded.captions,
-            [decoded.attention_for(i) for i in range(len(image_ids))],
-            [objects.get(int(i), []) for i in image_ids],
-        )
-    )
-    return correct, scores
 
 
 def scores_by_length(per_image: pd.DataFrame, bin_words: int = 4) -> pd.DataFrame:

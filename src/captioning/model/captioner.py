@@ -409,52 +409,60 @@ class Captioner(keras.Model):
             return self.decoder(self.encoder(features), tokens, captions_per_image=k)
         return self.decoder(self.encoder(features), tokens)
 
-    def _loss(self, data, training):
+    def figures(self, data, training: bool, global_tokens=None, global_rows=None):
+        """(loss, ce, attention penalty, token accuracy) of one teacher-forced batch.
+
+        The one loss of both training engines. `global_tokens` / `global_rows`
+        make it a replica's share of a larger global batch (`masked_loss`).
+        """
         features, tokens = data
         inputs, targets = tokens[..., :-1], tokens[..., 1:]  # teacher forcing shift
         logits, weights = self((features, inputs), training=training)
+        logits, weights = tf.cast(logits, tf.float32), tf.cast(weights, tf.float32)  # mixed
         targets = tf.reshape(targets, [-1, tf.shape(targets)[-1]])  # (B, T-1) in both layouts
         c = self.model_config
         loss, ce, penalty = masked_loss(
-            targets, logits, weights, c.attention_penalty, c.label_smoothing
-        )
-        return loss, ce, penalty, logits, targets
-
-    @staticmethod
-    def _token_accuracy(logits, targets):
+            targets, logits, weights, c.attention_penalty, c.label_smoothing,
+            global_tokens, global_rows,
+        )  # fmt: skip
         mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
         hits = tf.cast(
             tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32
         )
-        return tf.reduce_sum(hits * mask) / tf.reduce_sum(mask)
+        counted = tf.reduce_sum(mask) if global_tokens is None else tf.maximum(global_tokens, 1.0)
+        return loss, ce, penalty, tf.reduce_sum(hits * mask) / counted
 
-    def _update_metrics(self, loss, ce, penalty, logits, targets):
+    def gradients(self, data, optimizer, global_tokens=None, global_rows=None):
+        """One training step's gradients and `figures`: the step function of both engines.
+
+        `optimizer` scales the loss where it loss-scales (mixed_float16); Keras
+        `fit` applies the gradients in `train_step`, the distributed loop after
+        summing them across replicas.
+        """
+        with tf.GradientTape() as tape:
+            figures = self.figures(data, True, global_tokens, global_rows)
+            scaled = optimizer.scale_loss(figures[0])
+        return tape.gradient(scaled, self.trainable_variables), figures
+
+    def _update_metrics(self, loss, ce, penalty, accuracy):
         self.loss_tracker.update_state(loss)
         self.ce_tracker.update_state(ce)
         self.penalty_tracker.update_state(penalty)
-        self.accuracy_tracker.update_state(self._token_accuracy(logits, targets))
+        self.accuracy_tracker.update_state(accuracy)
         return {m.name: m.result() for m in self.metrics}
 
     def batch_metrics(self, data) -> dict[str, tf.Tensor]:
         """The `metrics` of one held-out batch, without touching the running trackers."""
-        loss, ce, penalty, logits, targets = self._loss(data, training=False)
-        return {
-            "loss": loss,
-            "ce": ce,
-            "attention_penalty": penalty,
-            "token_accuracy": self._token_accuracy(logits, targets),
-        }
+        names = ("loss", "ce", "attention_penalty", "token_accuracy")
+        return dict(zip(names, self.figures(data, training=False), strict=True))
 
     def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss, ce, penalty, logits, targets = self._loss(data, training=True)
-        variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return self._update_metrics(loss, ce, penalty, logits, targets)
+        grads, figures = self.gradients(data, self.optimizer)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        return self._update_metrics(*figures)
 
     def test_step(self, data):
-        return self._update_metrics(*self._loss(data, training=False))
+        return self._update_metrics(*self.figures(data, training=False))
 
     @property
     def metrics(self):

@@ -2,34 +2,34 @@
 
 Keras 3 `fit` fails under MultiWorkerMirroredStrategy with two or more workers
 (`python -m benchmarks.multi_worker_fit` reproduces it), so this module runs
-a short loop of its own. Each replica computes the gradients of its slice of
-the global batch in a compiled function (XLA where `jit_compile` is on: the
-collectives stay outside it, XLA does not compile them); the gradients are
-summed across replicas, then clipped and applied once, by an optimiser told
-not to sum them again. A replica's loss is its share of the single-device
-loss (`captioning.model.captioner.masked_loss`): token sums over the global batch's
-token count, the attention penalty over the global batch's rows, so the
-summed gradients, the clipping and the update are one device's on the same
-global batch, whatever the replica count. Every input pipeline builds the same
-global batch plan (training's `BatchPlan` stream, by global step) and reads
-only its replicas' slices of each batch, so each caption pair is seen once per
-pass over the data, as on one device.
+the epoch loop itself; everything else is `training.fit`'s: the model and the
+optimiser (`training.engine`), the step's gradients (`Captioner.gradients`),
+the batch plan, the budget, the checkpoint and the validation callbacks. Each
+replica computes the gradients of its slice of the global batch in a compiled
+function (XLA where `jit_compile` is on: the collectives stay outside it, XLA
+does not compile them); the gradients are summed across replicas, then
+clipped and applied once, by an optimiser told not to sum them again. A
+replica's loss is its share of the single-device loss (`masked_loss` over the
+global batch's token count and rows), so the summed gradients, the clipping
+and the update are one device's on the same global batch, whatever the
+replica count. Every input pipeline builds the same global batch plan and
+reads only its replicas' slices of each batch (`ShardedBatches`), so each
+caption pair is seen once per pass over the data, as on one device.
 Only the chief validates, checkpoints, and writes the model, the history and
 what the callbacks record; it broadcasts its checkpoint at the start and its
 early-stopping decision after each epoch, so a checkpoint written with N
 workers resumes with M. As with `fit`, checkpoints are per epoch: a run
-killed mid-epoch repeats that epoch, on the same batches. `train.precision` other than float32 also runs here,
-on one device too: the model trains under Keras' mixed policy (float16 with
-loss scaling), while validation, checkpoints and the written model use a
-float32 copy.
-"""
+killed mid-epoch repeats that epoch, on the same batches. `train.precision`
+other than float32 also runs here, on one device too: the model trains under
+Keras' mixed policy (float16 with loss scaling), while validation,
+checkpoints and the written model use a float32 copy."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -37,25 +37,21 @@ import numpy as np
 import tensorflow as tf
 
 from captioning.config import TrainParams
-from captioning.data.text import PAD_ID, Vocabulary
+from captioning.data.scorers import SourceScorer
+from captioning.data.text import Vocabulary
 from captioning.features import FeatureStore
-from captioning.model.captioner import Captioner, masked_loss
-from captioning.training.loop import (
-    BatchPlan,
-    CaptionSet,
+from captioning.model.captioner import Captioner
+from captioning.training import engine
+from captioning.training.batches import CaptionSet, ShardedBatches
+from captioning.training.budget import TrainingBudget
+from captioning.training.callbacks import LearningRateLog, epoch_scorers
+from captioning.training.checkpoints import (
     EpochCheckpoint,
-    LearningRateLog,
-    StoppingRule,
-    TrainingBudget,
-    compiled_captioner,
-    epoch_scorers,
     finished,
-    fit_captioner,
-    make_optimizer,
-    resume_state,
     run_fingerprint,
     write_history,
 )
+from captioning.training.fit import fit_captioner
 
 # The train logs, named and ordered as Keras' `fit` logs them: the history CSVs match.
 FIGURES = ("attention_penalty", "ce", "loss", "token_accuracy")
@@ -98,113 +94,6 @@ def trainer(params: TrainParams) -> Callable[..., tuple[Captioner, dict]]:
     return train_distributed
 
 
-def replica_loss(targets, logits, weights, global_tokens, global_rows, attention_penalty, label_smoothing):  # fmt: skip
-    """This replica's share of `masked_loss` over the global batch; the shares sum to it.
-
-    targets (b, T) int, logits (b, T, V), weights (b, T, L) of this replica's
-    rows; global_tokens: non-pad targets in the global batch; global_rows: its
-    captions. Returns the shares of (loss, ce, penalty, token accuracy).
-    """
-    logits, weights = tf.cast(logits, tf.float32), tf.cast(weights, tf.float32)  # mixed precision
-    loss, ce, penalty = masked_loss(
-        targets, logits, weights, attention_penalty, label_smoothing, global_tokens, global_rows
-    )
-    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)  # (b, T)
-    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=targets.dtype), targets), tf.float32)
-    accuracy = tf.reduce_sum(hits * mask) / tf.maximum(global_tokens, 1.0)
-    return loss, ce, penalty, accuracy
-
-
-class ShardedBatches:
-    """Training's global batch plan, each input pipeline reading only its replicas' slices.
-
-    A global batch of `batch_size` caption pairs (or images, captions_per_image
-    K) is cut into `num_replicas` equal slices in order; pipeline p of P reads
-    slices p * R/P ... (p + 1) * R/P - 1, one element each. Every slice is cut to
-    the global batch's width and carries the global token and row counts, which
-    `replica_loss` divides by.
-    """
-
-    def __init__(
-        self,
-        store: FeatureStore,
-        captions: CaptionSet,
-        params: TrainParams,
-        num_replicas: int,
-    ):
-        self.store = store
-        self.plan = BatchPlan(captions, params.batch_size, params.captions_per_image or None)
-        self.seed = params.seed
-        self.num_replicas = num_replicas
-        if self.plan.per_batch % num_replicas:
-            unit = "images" if self.plan.k else "caption pairs"
-            raise ValueError(
-                f"a global batch of {self.plan.per_batch} {unit} does not split evenly "
-                f"over {num_replicas} replicas: choose train.batch_size accordingly"
-            )
-
-    def dataset(self, context: tf.distribute.InputContext, start_step: int) -> tf.data.Dataset:
-        """Endless batches of this input pipeline from global step `start_step` on (distribute_datasets_from_function)."""
-        local = self.num_replicas // context.num_input_pipelines
-        slices = range(context.input_pipeline_id * local, (context.input_pipeline_id + 1) * local)
-        num_loc, feat_dim = self.store.feature_shape
-        token_shape = (None, self.plan.k, None) if self.plan.k else (None, None)
-        signature = (
-            tf.TensorSpec((None, num_loc, feat_dim), tf.float16),
-            tf.TensorSpec(token_shape, tf.int32),
-            tf.TensorSpec((), tf.float32),
-            tf.TensorSpec((), tf.float32),
-        )
-
-        def elements():
-            for units, rows in self.plan.stream(self.seed, start_step):
-                yield from self.slices(units, rows, slices)
-
-        return tf.data.Dataset.from_generator(elements, output_signature=signature).prefetch(2)
-
-    def slices(self, units: np.ndarray, rows: np.ndarray, which: range) -> Iterator[tuple]:
-        """(features, tokens, global tokens, global rows) of slices `which` of one global batch."""
-        captions = self.plan.captions
-        tokens = np.asarray(captions.tokens[rows.reshape(-1)])  # (B, T): small, read whole
-        # The global batch's width, rounded as BatchPlan.read rounds it, for every slice.
-        width = int((tokens != PAD_ID).sum(axis=1).max())
-        width = min(-(-width // 8) * 8, tokens.shape[1])
-        global_tokens = np.float32((tokens[:, 1:width] != PAD_ID).sum())
-        global_rows = np.float32(rows.size)
-        size = len(units) // self.num_replicas
-        for index in which:
-            part = slice(index * size, (index + 1) * size)
-            ids = self.plan.images[units[part]] if self.plan.k else captions.image_ids[rows[part]]
-            part_tokens = np.asarray(captions.tokens[rows[part].reshape(-1)])[:, :width]
-            yield (
-                self.store.get(ids),
-                part_tokens.reshape(*rows[part].shape, width),
-                global_tokens,
-                global_rows,
-            )
-
-
-@keras.saving.register_keras_serializable(package="captioning")
-class SummedGradientsAdam(keras.optimizers.Adam):
-    """Adam for gradients the training loop has already summed across replicas.
-
-    Keras' TensorFlow optimiser clips each replica's gradients and then sums
-    them; the loop sums first, so clipping sees the global gradient, and this
-    optimiser must not sum them again.
-    """
-
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        return list(grads_and_vars)
-
-
-def distributed_optimizer(params: TrainParams, total_steps: int) -> keras.optimizers.Optimizer:
-    """`make_optimizer`'s Adam (schedule over `total_steps`, clipping), loss-scaled for float16."""
-    adam = SummedGradientsAdam.from_config(make_optimizer(params, total_steps).get_config())
-    if params.precision == "mixed_float16":
-        return keras.optimizers.LossScaleOptimizer(adam)
-    return adam
-
-
 def distributed_step(
     strategy: tf.distribute.Strategy,
     model: Captioner,
@@ -212,21 +101,12 @@ def distributed_step(
     jit_compile: bool,
 ) -> Callable:
     """One training step over every replica: iterator -> summed FIGURES (4,)."""
-    config = model.model_config
 
     def gradients(features, tokens, global_tokens, global_rows):
-        with tf.GradientTape() as tape:
-            inputs, targets = tokens[..., :-1], tokens[..., 1:]  # teacher forcing shift
-            logits, weights = model((features, inputs), training=True)
-            targets = tf.reshape(targets, [-1, tf.shape(targets)[-1]])  # (b, T-1)
-            loss, ce, penalty, accuracy = replica_loss(
-                targets, logits, weights, global_tokens, global_rows,
-                config.attention_penalty, config.label_smoothing,
-            )  # fmt: skip
-            scaled = optimizer.scale_loss(loss)  # float16: loss scaling
-        grads = tape.gradient(scaled, model.trainable_variables)
+        grads, figures = model.gradients((features, tokens), optimizer, global_tokens, global_rows)
         # Dense: the embedding's sparse gradient would leave the compiled function as slices.
         grads = [tf.convert_to_tensor(g) for g in grads]
+        loss, ce, penalty, accuracy = figures
         return grads, tf.stack([penalty, ce, loss, accuracy])  # FIGURES' order
 
     compiled = tf.function(gradients, jit_compile=jit_compile)
@@ -302,7 +182,7 @@ def train_distributed(
     callbacks: list[keras.callbacks.Callback] = (),
     on_resume: Callable[[int], None] | None = None,
     val_references: dict[int, list[str]] | None = None,
-    val_objects: dict[int, list[dict]] | None = None,
+    val_scorer: SourceScorer | None = None,
     strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[Captioner, dict]:
     """`fit_captioner` under `params.distribute` and `params.precision`; same files, same summary.
@@ -312,24 +192,17 @@ def train_distributed(
     only. Other workers write nothing and return their last weights with a
     summary. `strategy` defaults to the one `params.distribute` names.
     """
-    if params.select_by == "val_CIDEr" and not val_references:
-        raise ValueError("train.select_by=val_CIDEr needs the val references (val_references)")
-    run = _build(store, vocabulary, train, params, extractor, strategy)
+    run = _build(store, vocabulary, train, params, extractor, strategy, val_references)
     fingerprint = run_fingerprint(
-        params, extractor, vocabulary, train, val, store, val_references, val_objects
+        params, extractor, vocabulary, train, val, store, val_references, val_scorer
     )
-    checkpoint = EpochCheckpoint(
-        Path(checkpoint_dir),
-        Path(history_csv),
-        fingerprint,
-        StoppingRule.of(params),
-        run.budget,
-        resume_state(Path(checkpoint_dir), fingerprint) if run.chief else None,
+    checkpoint = engine.open_checkpoint(
+        checkpoint_dir, history_csv, fingerprint, params, run.budget, resume=run.chief
     )
     initial_epoch, done = _restore_on_every_worker(run, checkpoint, on_resume)
     chief_callbacks = []
     if run.chief:
-        scorers = epoch_scorers(store, val, params, val_references, val_objects)
+        scorers = epoch_scorers(store, val, params, val_references, val_scorer)
         chief_callbacks = _chief_callbacks(run, scorers, checkpoint, callbacks)
     last_epoch = initial_epoch
     if not done:
@@ -352,21 +225,19 @@ def _build(
     params: TrainParams,
     extractor: dict,
     strategy: tf.distribute.Strategy | None,
+    val_references: dict | None,
 ) -> _Run:
     """The strategy, then the seeded models (the trained one under `params.precision`)."""
     strategy = strategy or make_strategy(params.distribute)  # before any other TF op
-    keras.utils.set_random_seed(params.seed)
-    if params.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    budget = TrainingBudget.of(params, train)
+    budget = engine.start(params, train, val_references)
     steps = budget.total_steps
-    reference = compiled_captioner(store, vocabulary, params, extractor, steps)
+    reference = engine.compiled_captioner(store, vocabulary, params, extractor, steps)
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(params.precision)
     try:
         with strategy.scope():
-            model = compiled_captioner(store, vocabulary, params, extractor, steps)
-            optimizer = distributed_optimizer(params, steps)
+            model = engine.compiled_captioner(store, vocabulary, params, extractor, steps)
+            optimizer = engine.make_optimizer(params, steps, summed=True)
             optimizer.build(model.trainable_variables)
     finally:
         keras.mixed_precision.set_global_policy(policy)

@@ -1,4 +1,8 @@
-"""Attention grounding on the demo set: does the model look at the object it names?
+"""The demo's own scores (its `SourceScorer`): object accuracy and attention grounding.
+
+Object accuracy is the share of captions that name every object of the scene
+with its kind, colour and position (the demo grammar, `demo_captions`).
+Grounding asks whether the model looks at the object it names.
 
 For every shape noun a caption emits, the demo grammar tells which object the
 noun refers to (its kind, colour and position); where that matches a real
@@ -10,9 +14,11 @@ cover, i.e. what uniform attention would score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from captioning.data.demo_captions import KIND_WORDS, parse_caption
+from captioning.data.demo_captions import KIND_WORDS, caption_correct, parse_caption
 from captioning.data.demo_scenes import IMAGE_SIZE
 
 _NOUNS = {word: kind for kind, words in KIND_WORDS.items() for word in words}
@@ -71,3 +77,27 @@ def grounding_scores(
         "grounding_chance": float(share.mean()),
         "grounded_nouns": len(pairs),
     }
+
+
+class DemoScorer:
+    """The demo's `SourceScorer`, from the object truth of every image (`load_objects`)."""
+
+    def __init__(self, objects: dict[int, list[dict]]):
+        self.objects = objects
+
+    def caption_scores(
+        self, image_ids: Sequence[int], captions: Sequence[str]
+    ) -> tuple[dict[str, list], dict[str, float]]:
+        """Per image `objects_correct` (every object named right); corpus `object_accuracy`."""
+        correct = [
+            caption_correct(c, self.objects.get(int(i), []))
+            for i, c in zip(image_ids, captions, strict=True)
+        ]
+        return {"objects_correct": correct}, {"object_accuracy": float(np.mean(correct))}
+
+    def attention_scores(
+        self, image_ids: Sequence[int], captions: Sequence[str], attentions: Sequence[np.ndarray]
+    ) -> dict[str, float]:
+        """`grounding`, `grounding_chance` and `grounded_nouns` (`grounding_scores`)."""
+        truth = [self.objects.get(int(i), []) for i in image_ids]
+        return grounding_scores(list(captions), list(attentions), truth)
