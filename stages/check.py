@@ -14,7 +14,7 @@ import sys
 from captioning.atomic_files import write_if_changed
 from captioning.config import SECTIONS, ConfigError, check_params, read_params
 from captioning.errors import run_stage
-from captioning.params_restore import baseline_params, checked_params, in_experiment, restore
+from captioning.params_restore import in_experiment, restore_after_experiment
 
 
 def main() -> None:
@@ -26,8 +26,7 @@ def main() -> None:
     problems = check_params(read_params(args.params))
     if problems:
         if in_experiment():
-            previous = checked_params(args.lock, "check") or baseline_params(".")
-            restored = restore(args.params, previous)
+            restored = restore_after_experiment(args.params, args.lock, "check")
             if restored:
                 print(
                     f"check: this experiment did not run; {args.params} is back as it was "

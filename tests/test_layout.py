@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "captioning"
 LAYERS = [
     {"param_bounds"},
     {"config", "atomic_files", "server_process"},
-    {"errors", "params_restore"},
+    {"errors", "params_restore", "dvc_cache"},
     {"data"},
     {"features"},
     {"model"},

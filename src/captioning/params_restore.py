@@ -43,15 +43,33 @@ def checked_params(lock_path: Path | str, stage: str, params_name: str = "params
     return dict((entry.get("params") or {}).get(params_name) or {})
 
 
-def baseline_params(repo: Path | str, params_name: str = "params.yaml") -> dict:
-    """params.yaml at the experiment's baseline commit ({} outside an experiment or on error)."""
+def baseline_text(repo: Path | str, params_name: str = "params.yaml") -> str | None:
+    """params.yaml at the experiment's baseline commit, as text (None outside an experiment)."""
     rev = os.environ.get(BASELINE_ENV)
     if not rev:
-        return {}
+        return None
     shown = subprocess.run(
         ["git", "show", f"{rev}:{params_name}"], cwd=repo, capture_output=True, text=True
     )
-    return (yaml.safe_load(shown.stdout) or {}) if shown.returncode == 0 else {}
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def restore_after_experiment(
+    params_path: Path | str, lock_path: Path | str, stage: str
+) -> list[str]:
+    """Undo a failed experiment's params: back to the last passing `stage` run, else the baseline.
+
+    When those values are the baseline commit's, its file comes back byte for
+    byte; otherwise each differing key is set back in place (`restore`).
+    Returns the keys that differed, dotted.
+    """
+    committed = baseline_text(Path(params_path).parent)
+    baseline = (yaml.safe_load(committed) or {}) if committed is not None else {}
+    previous = checked_params(lock_path, stage) or baseline
+    changed = restore(params_path, previous)
+    if changed and committed is not None and previous == baseline:
+        atomic_write(params_path, committed)
+    return changed
 
 
 def restore(params_path: Path | str, previous: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -65,6 +83,10 @@ def restore(params_path: Path | str, previous: Mapping[str, Mapping[str, Any]]) 
     path = Path(params_path)
     round_trip = YAML()
     round_trip.preserve_quotes = True
+    # `null`, as people (and yaml.safe_dump) write it; ruamel's default is an empty value.
+    round_trip.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     document = round_trip.load(path.read_text(encoding="utf-8"))
     changed: list[str] = []
     for name in [n for n in document if n not in previous]:
