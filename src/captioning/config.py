@@ -321,7 +321,8 @@ def section_problems(cls: type, section: str, raw: dict[str, Any]) -> tuple[dict
                 values[key] = _check_type(section, key, value, hints[key])
             except ConfigError as err:
                 problems.append(str(err))
-    return values, problems + bound_problems(section, values)
+    # Ranges are checked on the values as written (0, not the coerced 0.0), for the message.
+    return values, problems + bound_problems(section, {k: raw[k] for k in values})
 
 
 def from_dict(cls: type[T], section: str, raw: dict[str, Any] | None) -> T:
