@@ -11,7 +11,6 @@ import pandas as pd
 from captioning.atomic_files import atomic_write
 from captioning.config import GatesParams, check_params, from_dict, load_section, read_params
 from captioning.errors import run_stage
-from captioning.evaluation.gate import compare
 from captioning.serving import registry
 from captioning.serving.pyfunc import ServingConfig, log_captioner_model
 from captioning.tracking import runs as tracking
@@ -41,9 +40,7 @@ def main() -> None:
     # Never champion below the gates' floors or with params the check rejects.
     raw = read_params()
     gates = from_dict(GatesParams, "gates", raw.get("gates"))
-    blocked = registry.blocking_reason(
-        check_params(raw, require_all=False), compare(metrics, None, gates)
-    )
+    blocked = registry.blocking_reason(check_params(raw, require_all=False), metrics, gates)
 
     tracking.configure(Path.cwd())
     run_id = tracking.resume_run(args.run)

@@ -28,7 +28,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captioning.evaluation.gate import GateResult, summary
+from captioning.config import GatesParams
+from captioning.evaluation.gate import compare, summary
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -115,18 +116,24 @@ def decide(
 
 
 def blocking_reason(
-    config_problems: Sequence[str], gate_result: GateResult | None = None
+    config_problems: Sequence[str],
+    metrics: Mapping[str, Any] | None = None,
+    gates: GatesParams | None = None,
 ) -> str | None:
     """Why a run may not become champion whatever its score, or None when it may.
 
-    `config_problems` are `captioning.config.check_params`'s lines for the run's
-    params; `gate_result` is `captioning.evaluation.gate.compare` of its metrics.
+    `config_problems` are `captioning.config.check_params`'s lines for the
+    run's params; `metrics` (metrics.json) must meet the `gates:` floors. The
+    tolerances need a base run, which registration has not: `captioning gate`
+    checks those.
     """
     if config_problems:
         more = f" (and {len(config_problems) - 1} more)" if len(config_problems) > 1 else ""
         return f"not eligible for champion: invalid params: {config_problems[0]}{more}"
-    if gate_result is not None and not gate_result.passed:
-        return f"not eligible for champion: {summary(gate_result)}"
+    if metrics is not None and gates is not None and gates.floors:
+        result = compare(metrics, None, dataclasses.replace(gates, tolerances={}))
+        if not result.passed:
+            return f"not eligible for champion: {summary(result)}"
     return None
 
 
