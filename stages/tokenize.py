@@ -1,11 +1,11 @@
 """Stage `tokenize`: vocabulary of the train captions and every split as int32 ids."""
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from captioning.atomic_files import atomic_directory
 from captioning.config import load_section
 from captioning.data.text import encode_splits
 from captioning.errors import run_stage
@@ -26,12 +26,12 @@ def main() -> None:
         params.vocab_size,
         params.max_len,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(vocabulary.to_json())
-    for split, (tokens, image_ids) in encoded.items():
-        np.save(out / f"{split}.npy", tokens)
-        np.save(out / f"{split}_image_ids.npy", image_ids)
+    # Whole or not at all; a full disk is named by the folder (atomic_files.DiskFullError).
+    with atomic_directory(args.out) as out:
+        (out / "vocab.json").write_text(vocabulary.to_json())
+        for split, (tokens, image_ids) in encoded.items():
+            np.save(out / f"{split}.npy", tokens)
+            np.save(out / f"{split}_image_ids.npy", image_ids)
     sizes = {split: len(ids) for split, (_, ids) in encoded.items()}
     print(f"tokenize: {len(vocabulary)} words, captions per split {sizes}")
 
