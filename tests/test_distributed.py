@@ -142,7 +142,7 @@ def test_chief_is_task_chief_or_worker_zero():
 def test_replica_shares_sum_to_the_single_device_loss():
     import tensorflow as tf
 
-    from captioning.model.captioner import masked_loss
+    from captioning.model.loss import masked_loss
 
     rng = np.random.default_rng(0)
     targets = rng.integers(1, 9, (6, 7)).astype(np.int32)

@@ -19,7 +19,7 @@ from PIL import Image
 from captioning.config import TrainParams
 from captioning.data.text import Vocabulary
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model.captioner import masked_loss
+from captioning.model.loss import masked_loss
 from captioning.training.batches import (
     BatchPlan,
     CaptionSet,
