@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.harness import BatchClock, Result, seconds, timed
+from benchmarks.harness import BatchClock, Result, Timing, seconds, timed
 from benchmarks.workspace import CAPTION_TABLE, FEATURES_DIR, MODEL_FILE, PARAMS_FILE, RAW_DIR
 from captioning.config import TrainParams, from_dict, load_section
 from captioning.data.sources import REF_NAME, source_scorer
@@ -137,12 +137,12 @@ def _train(project: Path, params: TrainParams, workdir: Path):
     }
 
 
-def one_image_ms(project: Path, model) -> float:
-    """Median milliseconds to caption one test image from its bytes, greedy."""
+def one_image(project: Path, model) -> Timing:
+    """Seconds to caption one test image from its bytes, greedy, after a warm-up."""
     table = pd.read_parquet(project / CAPTION_TABLE)
     data = Path(table[table["split"] == "test"]["path"].iloc[0]).read_bytes()
     captioner = ImageCaptioner(model)
-    return 1000 * timed(lambda: captioner.caption_bytes([data]), LATENCY_REPEATS).median
+    return timed(lambda: captioner.caption_bytes([data]), LATENCY_REPEATS)
 
 
 def bench_architectures(ws) -> Result:
@@ -165,7 +165,11 @@ def bench_architectures(ws) -> Result:
                 scored = score_and_time(model, paths, table, settings, ws.sizes.decoders_images)
                 label, _ = scored.pop("decoder"), scored.pop("images")
                 row.update({f"{label} {k}": v for k, v in scored.items() if "human" not in k})
-            row["one image ms"] = one_image_ms(project, model)
+            latency = one_image(project, model)
+            row["one image ms"], row["one image spread"] = 1000 * latency.median, latency.spread
             result.add_row({"decoder": name, **row})
-    result.notes.append("one image ms: ImageCaptioner.caption_bytes, median of 10 after a warm-up")
+    result.notes.append(
+        f"one image ms: ImageCaptioner.caption_bytes, median of {LATENCY_REPEATS} after a warm-up; "
+        "spread = (slowest - fastest) / median"
+    )
     return result

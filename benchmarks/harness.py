@@ -40,12 +40,6 @@ class Result:
         self.figures[name] = value
         self.units[name] = unit
 
-    def add_timing(self, name: str, timing: Timing, unit: str = "ms") -> None:
-        """A timing's median (in `unit`: ms or s) and its spread across repeats."""
-        scale = 1000 if unit == "ms" else 1
-        self.add(f"{name}, median of {len(timing.samples)}", timing.median * scale, unit)
-        self.add(f"{name}, spread (max - min) / median", timing.spread, "")
-
     def add_row(self, row: dict) -> None:
         self.rows.append(row)
 

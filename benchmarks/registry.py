@@ -1,12 +1,12 @@
 """Every benchmark the runner knows: its name, its function, what it measures, its options.
 
 A benchmark is one function `bench_NAME(ws: Workspace) -> Result` in a module
-of this folder, and one `Benchmark` entry below: `target` names the function
-as "module:function" (imported only when it runs, so `--help` and the other
-benchmarks do not load its libraries), `default` says whether a bare `python
--m benchmarks` runs it (those that need a trained model, a server, worker
-processes or a DVC sweep do not), and `options` are its command-line flags,
-read back from `ws.options`. The runner runs the named ones in this order.
+of this folder, and one `Benchmark` entry below: its name, that module
+(imported only when it runs, so `--help` and the other benchmarks do not load
+its libraries), a summary, whether a bare `python -m benchmarks` runs it (not
+those that need a trained model, a server, worker processes or a DVC sweep),
+and its command-line flags, read back from `ws.options`. The runner runs the
+named ones in this order.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ def option(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
-    target: str  # "module:function" in this folder
+    module: str  # in this folder; it defines bench_NAME
     summary: str
-    default: bool = True
+    default: bool = False
     options: tuple[tuple[tuple[str, ...], dict], ...] = ()
 
     def function(self) -> Callable:
-        module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(f"benchmarks.{module}"), name)
+        return getattr(importlib.import_module(f"benchmarks.{self.module}"), f"bench_{self.name}")
 
 
 def train_override(text: str) -> tuple[str, object]:
@@ -60,46 +59,32 @@ TRAIN_OVERRIDE = option(
 )  # fmt: skip
 
 REGISTRY = (
-    Benchmark(
-        "features", "features:bench_features", "extract_features end to end vs bare InceptionV3"
-    ),
-    Benchmark("store", "features:bench_store", "feature store bytes on disk per image"),
-    Benchmark(
-        "train", "train:bench_train", "training pairs/s: compiled step vs the tutorial's loop"
-    ),
-    Benchmark(
-        "memory", "memory:bench_memory", "peak RSS of extraction and training, two data sizes"
-    ),
-    Benchmark("decode", "decode:bench_decode", "batched greedy captions/s vs one image at a time"),
-    Benchmark(
-        "precision",
-        "train:bench_precision",
-        "training pairs/s by train.precision, share of peaks",
-        default=False,
-    ),  # fmt: skip
+    Benchmark("features", "features", "extract_features end to end vs bare InceptionV3", True),
+    Benchmark("store", "features", "feature store bytes on disk per image", True),
+    Benchmark("train", "train", "training pairs/s: compiled step vs the tutorial's loop", True),
+    Benchmark("memory", "memory", "peak RSS of extraction and training at two data sizes", True),
+    Benchmark("decode", "decode", "batched greedy captions/s vs one image at a time", True),
+    Benchmark("precision", "train", "training pairs/s by train.precision, share of peaks"),
     Benchmark(
         "decoders",
-        "decoders:bench_decoders",
-        "greedy vs beam 3 vs beam 5 on the evaluate split of a trained pipeline (make repro)",
-        default=False,
+        "decoders",
+        "greedy vs beam 3 vs beam 5 on a trained pipeline (make repro)",
         options=(PROJECT, option("--model", type=Path, help="decoders: the .keras to score")),
     ),  # fmt: skip
     Benchmark(
         "architectures",
-        "decoders:bench_architectures",
-        "GRU vs transformer decoder trained and scored on a tokenized pipeline's features",
-        default=False,
+        "decoders",
+        "GRU vs transformer, trained on a tokenized pipeline",
         options=(
             PROJECT,
             TRAIN_OVERRIDE,
-            option("--decoders", nargs="+", default=["gru", "transformer"], help="architectures"),
+            option("--decoders", nargs="+", default=["gru", "transformer"]),
         ),
     ),  # fmt: skip
     Benchmark(
         "serve",
-        "serve:bench_serve",
+        "serve",
         "latency, throughput and memory of mlflow models serve",
-        default=False,
         options=(
             option("--url", help="serve: an already running server on 127.0.0.1"),
             option("--server-pid", type=int, help="serve: with --url, its pid (for its memory)"),
@@ -114,25 +99,18 @@ REGISTRY = (
     ),  # fmt: skip
     Benchmark(
         "distributed",
-        "distributed:bench_distributed",
-        "train_distributed step time: one process vs two loopback workers, precisions",
-        default=False,
+        "distributed",
+        "train_distributed ms/step: 1 process vs 2 loopback workers",
         options=(
             option("--steps", type=int, default=12, help="distributed: steps per epoch"),
             option("--global-batch", type=int, default=64, help="distributed: train.batch_size"),
         ),
     ),  # fmt: skip
-    Benchmark(
-        "multi_worker_fit",
-        "distributed:bench_multi_worker_fit",
-        "reproduces Keras fit failing under MultiWorkerMirroredStrategy (two loopback workers)",
-        default=False,
-    ),  # fmt: skip
+    Benchmark("multi_worker_fit", "distributed", "Keras fit under MultiWorkerMirroredStrategy"),
     Benchmark(
         "convergence",
-        "convergence:bench_convergence",
-        "does the training budget converge on every demo size (a DVC project per size)",
-        default=False,
+        "convergence",
+        "test scores by demo size, budget, seed (dvc repro each)",
         options=(
             TRAIN_OVERRIDE,
             option("--sizes", type=int, nargs="+", default=[500, 2000, 4000], help="convergence"),

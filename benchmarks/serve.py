@@ -110,13 +110,6 @@ def run_scenario(url, images, batch, concurrency, total, params, pid, warmup=3) 
     return row | ({"error kinds": ", ".join(errors)} if errors else {})
 
 
-def _demo_images(folder: Path, count: int = 16) -> list[bytes]:
-    from captioning.data.demo import generate_demo
-
-    generate_demo(folder, count, 0, seed=11)
-    return [p.read_bytes() for p in sorted((folder / "train2014").glob("*.jpg"))][:count]
-
-
 def bench_serve(ws) -> Result:
     o = ws.options
     if o.url and urlparse(o.url).hostname not in LOOPBACK:
@@ -126,7 +119,7 @@ def bench_serve(ws) -> Result:
     total = min(o.requests, QUICK_REQUESTS) if ws.quick else o.requests
     if not 1 <= total <= 10_000:
         raise SystemExit("--requests must be from 1 to 10000")
-    images = _demo_images(ws.root / "serve-demo")
+    images = [Path(path).read_bytes() for path in ws.images(16)["path"]]
     with contextlib.ExitStack() as stack:
         if o.url:
             url, pid, what = o.url.rstrip("/"), o.server_pid, o.url

@@ -27,7 +27,7 @@ from benchmarks.flops import (
     matmul_gflops,
     peak_gflops,
 )
-from benchmarks.harness import BatchClock, Result, seconds
+from benchmarks.harness import BatchClock, Result, Timing, seconds, timed
 from benchmarks.workspace import (
     CAPTION_TOKENS,
     CAPTIONS_PER_IMAGE,
@@ -224,8 +224,8 @@ def _step_elements(data: list[Batch]) -> tf.data.Dataset:
     return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=signature)
 
 
-def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
-    """Pairs/s of the training step that `train.precision` runs, on fake batches.
+def precision_steps(vocab_size: int, batches: int, precision: str) -> Timing:
+    """Seconds of each of `batches` steps that `train.precision` runs, on fake batches.
 
     The step is `captioning.training.distributed.distributed_step` on one device, as
     the train stage runs it whenever train.distribute or train.precision is
@@ -243,12 +243,7 @@ def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
         optimizer.build(model.trainable_variables)
         step = distributed_step(make_strategy("none"), model, optimizer, params.jit_compile)
         iterator = iter(_step_elements(data))
-        step(iterator).numpy()  # warm-up: traces and compiles
-        return (
-            batches
-            * TRAIN_BATCH
-            / seconds(lambda: [step(iterator).numpy() for _ in range(batches)])
-        )
+        return timed(lambda: step(iterator).numpy(), batches)  # the warm-up traces, compiles
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
@@ -355,12 +350,14 @@ def bench_precision(ws: Workspace) -> Result:
     result.add("model FLOPs per caption pair (training)", per_pair / 1e9, "GFLOP")
     for precision in PRECISIONS:
         try:
-            rate = precision_rate(ws.vocab_size, sizes.train_batches, precision)
+            steps = precision_steps(ws.vocab_size, sizes.train_batches, precision)
         except Exception as err:  # a precision this device or the model cannot run: say which
             result.notes.append(f"{precision} failed: {type(err).__name__}: {str(err)[:300]}")
             continue
+        rate = len(steps.samples) * TRAIN_BATCH / sum(steps.samples)
         achieved = per_pair * rate / 1e9
-        row = {"precision": precision, "pairs/s": rate, "GFLOP/s": achieved}
+        row = {"precision": precision, "pairs/s": rate, "step spread": steps.spread}
+        row["GFLOP/s"] = achieved
         row["% of float32 peak"] = 100 * achieved / peak32
         if precision in _HALF:
             half = peak_gflops(sizes.peak_matmul, _HALF[precision])
