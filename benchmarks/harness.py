@@ -245,5 +245,8 @@ def markdown_table(report: dict) -> str:
         "| benchmark | figure | value | unit | target |",
         "|---|---|---|---|---|",
     ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in report_rows(report)]
+    lines += [
+        "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        for cells in report_rows(report)
+    ]
     return "\n".join(lines) + "\n"
