@@ -42,15 +42,15 @@ lint: install ## ruff check and format check
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
 
-bench: install ## print the speed and memory benchmarks (docs/benchmarks.md)
-	$(BIN)/python -m benchmarks.run
+bench: install ## speed and memory benchmarks (docs/benchmarks.md; `python -m benchmarks --list` for all)
+	$(BIN)/python -m benchmarks
 
 bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
-	$(BIN)/python -m benchmarks.run --only decoders --out reports/bench_decoders.json
+	$(BIN)/python -m benchmarks decoders --out reports/bench_decoders.json
 
 .PHONY: bench-gpu
 bench-gpu: install ## on a GPU: extraction img/s, training pairs/s by precision, decoding, share of peak (docs/scaling.md)
-	$(BIN)/python -m benchmarks.gpu --out reports/bench_gpu.json
+	$(BIN)/python -m benchmarks features precision decode --out reports/bench_gpu.json
 
 # A small grid on the demo data, one DVC experiment per point, run one at a time.
 SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
@@ -65,7 +65,7 @@ serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
-	$(BIN)/python -m benchmarks.serve_load
+	$(BIN)/python -m benchmarks serve --out reports/bench_serve.json
 
 # --- CI: .github/workflows/ci.yml runs these same targets (docs/ci.md) ---
 CI_DIR := build/ci

@@ -1,7 +1,7 @@
 """Training under tf.distribute: a host's devices (`mirrored`) or a TF_CONFIG cluster (`multi_worker`).
 
 Keras 3 `fit` fails under MultiWorkerMirroredStrategy with two or more workers
-(`python -m benchmarks.multi_worker_fit` reproduces it), so this module runs
+(`python -m benchmarks multi_worker_fit` reproduces it), so this module runs
 the epoch loop itself; everything else is `training.fit`'s: the model and the
 optimiser (`training.engine`), the step's gradients (`Captioner.gradients`),
 the batch plan, the budget, the checkpoint and the validation callbacks. Each
