@@ -13,9 +13,13 @@ ASGI middleware in front of its `/invocations` route that
   consumed), so memory holds at most that many bodies and their parsed copies;
 - answers every error of the route as `{"error_code", "message"}`, with any
   echo of the request (long quoted or unbroken runs) cut and the message capped,
-  never a stack trace;
-- hands freed memory back to the OS (glibc `malloc_trim`) when the last
-  request in flight finishes, so the server's RSS returns near its baseline.
+  never a stack trace, and a body MLflow's parser fails on unhandled as a 400
+  rather than a 500;
+- hands freed memory back to the OS: glibc serves every allocation over
+  4 MiB (a body, a decoded photo) from its own mapping, returned when freed,
+  instead of from per-thread heaps that keep it, and `malloc_trim` runs when
+  the last request in flight finishes, so the server's RSS returns near its
+  baseline.
 MLflow has no option to add middleware, so `install_in_scoring_server`, called
 from the model's `load_context`, adds it to the one FastAPI app the scoring
 server builds right after loading the model; anywhere else (a notebook,
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
+import functools
 import json
 import logging
 import re
@@ -166,7 +170,20 @@ class RequestGuard:
                 return {"type": "http.request", "body": body.pop(), "more_body": False}
             return await receive()  # after the body: wait for the disconnect
 
-        await self.app(scope, replay, ShortErrors(send))
+        short_errors = ShortErrors(send)
+        try:
+            await self.app(scope, replay, short_errors)
+        except Exception as err:
+            # MLflow turns model errors into 400s itself; what escapes is its parsing of
+            # the body failing in a way it does not catch (a JSON number of 5000 digits
+            # raises ValueError): the request's fault, so a 400, not a 500.
+            if short_errors.started:
+                raise
+            _logger.warning("an /invocations request failed to parse", exc_info=True)
+            message = short_message(
+                f"the request body could not be read: {type(err).__name__}: {err}"
+            )
+            await reply(send, 400, "BAD_REQUEST", message)
 
 
 class ShortErrors:
@@ -176,9 +193,11 @@ class ShortErrors:
         self.send = send
         self.start: Message | None = None
         self.body = bytearray()
+        self.started = False  # whether a response began
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
+            self.started = True
             if message["status"] < 400:
                 await self.send(message)
             else:
@@ -206,21 +225,38 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+# glibc mallopt parameters (malloc.h): a fixed threshold also stops glibc raising it
+# after each large free, which is what parks freed photos in the heap.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+
+
+def map_large_allocations() -> None:
+    """Have glibc map allocations over MMAP_THRESHOLD_BYTES on their own (freed at once)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def release_free_memory() -> None:
     """Return freed heap memory to the OS (glibc's `malloc_trim`); does nothing elsewhere."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-def _malloc_trim():
+@functools.cache
+def _libc():
+    """glibc, or None (another OS or C library: the tuning is skipped)."""
+    # By its soname: `ctypes.util.find_library` would fork `ldconfig` from a 1 GB server.
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
         return None
+    return libc
 
 
 def install_in_scoring_server(max_request_bytes: int, max_concurrent_requests: int) -> bool:
@@ -250,6 +286,7 @@ def install_in_scoring_server(max_request_bytes: int, max_concurrent_requests: i
             )
 
     fastapi.FastAPI = GuardedFastAPI
+    map_large_allocations()
     _logger.info(
         "request guard: bodies up to %d bytes, %d requests at once",
         max_request_bytes,
