@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
+import functools
 import json
 import logging
 import os
@@ -54,7 +54,9 @@ class ValidationError(RuntimeError):
 # ---------------------------------------------------------------- images
 
 
-def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, str]:
+def _inspect_image(
+    path: str, max_pixels: int, min_side: int = 1, max_aspect: float | None = None
+) -> tuple[str | None, int, int, str]:
     """Decode one image file fully: `(reason or None, width, height, detail)`.
 
     Reads through `captioning.data.images.decode_image`, the reader features and
@@ -64,7 +66,7 @@ def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, st
     `ImageReadError`, one of `captioning.data.images.REASONS`.
     """
     try:
-        pixels = decode_image(path, max_pixels)  # (H, W, 3) uint8
+        pixels = decode_image(path, max_pixels, None, min_side, max_aspect)  # (H, W, 3) uint8
     except ImageReadError as err:
         return err.reason, 0, 0, err.detail
     except OSError as err:  # present but unreadable (permissions, a folder): do not train on it
@@ -81,7 +83,11 @@ def _available_cores() -> int:
 
 
 def check_images(
-    table: pd.DataFrame, max_pixels: int, workers: int | None = None
+    table: pd.DataFrame,
+    max_pixels: int,
+    workers: int | None = None,
+    min_side: int = 1,
+    max_aspect: float | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Decode each distinct image of `table` once; split it into kept rows and a quarantine.
 
@@ -89,7 +95,8 @@ def check_images(
     that decoded, with `width`/`height` (int64) of the decoded, upright image;
     quarantine is `[{image_id, path, reason, detail}]` sorted by image_id, with
     reason one of empty_file, undecodable, truncated, too_large, decode_error,
-    missing_file. The work runs on `workers` threads (default: usable cores).
+    missing_file, too_small (shorter side under `min_side`) and bad_aspect
+    (sides further apart than `max_aspect`; both off unless given). The work runs on `workers` threads (default: usable cores).
     """
     images = table.drop_duplicates("image_id")[["image_id", "path"]].reset_index(drop=True)
     paths = images["path"].tolist()
@@ -107,7 +114,10 @@ def check_images(
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
         with ThreadPoolExecutor(workers) as pool:
             # map keeps input order, so results do not depend on which thread finished first.
-            results = list(pool.map(_inspect_image, paths, itertools.repeat(max_pixels)))
+            inspect = functools.partial(
+                _inspect_image, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect
+            )
+            results = list(pool.map(inspect, paths))
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
@@ -433,7 +443,9 @@ def validate_dataset(
     seconds["layout"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    clean, quarantine = check_images(table, params.max_pixels)
+    clean, quarantine = check_images(
+        table, params.max_pixels, min_side=params.min_side, max_aspect=params.max_aspect
+    )
     seconds["images"] = time.perf_counter() - start
     counts = _counts(layout_stats, caption_counts, table, clean, quarantine)
 
