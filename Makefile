@@ -29,8 +29,10 @@ init: install ## make this folder a git + DVC repo if it is not one yet (DVC nee
 	@git rev-parse --git-dir >/dev/null 2>&1 || { git init -q && git add -A && git -c user.name=captioning -c user.email=captioning@localhost commit -qm "initial commit"; }
 	@test -d .dvc || { $(BIN)/dvc init -q && $(BIN)/dvc config core.autostage true && $(BIN)/dvc config core.analytics false; }
 
-repro: init ## run the whole pipeline (offline demo data by default)
+# dvc can exit 0 with a folder output missing from a full cache: the second line checks.
+repro: init ## run the whole pipeline (offline demo data by default), then check the DVC cache holds it
 	$(BIN)/dvc repro
+	$(BIN)/python -m captioning.dvc_cache
 
 test: install ## run the whole test suite, slow integration tests included
 	$(BIN)/pytest -q

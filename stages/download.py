@@ -4,6 +4,7 @@ import argparse
 
 from captioning.config import load_section
 from captioning.data.sources import prepare_source
+from captioning.errors import run_stage
 
 
 def main() -> None:
@@ -16,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -10,6 +10,7 @@ import pandas as pd
 from captioning.atomic_files import atomic_path, atomic_write
 from captioning.config import load_section
 from captioning.data.sources import source_scorer
+from captioning.errors import run_stage
 from captioning.evaluation.evaluate import evaluate_split, scores_by_length
 from captioning.features import FeatureStore
 from captioning.model.captioner import load_captioner
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

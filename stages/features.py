@@ -10,6 +10,7 @@ import argparse
 import pandas as pd
 
 from captioning.config import load_section
+from captioning.errors import run_stage
 from captioning.features import build_extractor, extract_features, write_extractor_spec
 
 
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,7 +9,8 @@ import mlflow
 import pandas as pd
 
 from captioning.atomic_files import atomic_write
-from captioning.config import load_section
+from captioning.config import GatesParams, check_params, from_dict, load_section, read_params
+from captioning.errors import run_stage
 from captioning.serving import registry
 from captioning.serving.pyfunc import ServingConfig, log_captioner_model
 from captioning.tracking import runs as tracking
@@ -36,6 +37,10 @@ def main() -> None:
     )
     serving = ServingConfig.from_params(evaluate, params)
     numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    # Never champion below the gates' floors or with params the check rejects.
+    raw = read_params()
+    gates = from_dict(GatesParams, "gates", raw.get("gates"))
+    blocked = registry.blocking_reason(check_params(raw, require_all=False), metrics, gates)
 
     tracking.configure(Path.cwd())
     run_id = tracking.resume_run(args.run)
@@ -59,6 +64,7 @@ def main() -> None:
             eval_set,
             registry.model_key(args.model, dataclasses.asdict(serving)),
             log_model,
+            blocked=blocked,
         )
         mlflow.set_tags(
             {
@@ -72,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 
 from captioning.config import load_section
+from captioning.errors import run_stage
 from captioning.evaluation.report import build_report
 from captioning.features import FeatureStore
 from captioning.model.captioner import load_captioner
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from captioning.config import load_section
 from captioning.data.text import encode_splits
+from captioning.errors import run_stage
 
 
 def main() -> None:
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

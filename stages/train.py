@@ -13,6 +13,7 @@ import pandas as pd
 from captioning.config import load_section, read_params
 from captioning.data.sources import source_scorer
 from captioning.data.text import Vocabulary
+from captioning.errors import run_stage
 from captioning.evaluation.evaluate import references_by_image
 from captioning.features import FeatureStore
 from captioning.tracking import runs as tracking
@@ -123,4 +124,4 @@ def train_as_worker(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

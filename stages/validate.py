@@ -6,6 +6,7 @@ import json
 from captioning.config import load_section
 from captioning.data.sources import read_dataset_ref
 from captioning.data.validation import validate_dataset
+from captioning.errors import run_stage
 
 
 def main() -> None:
@@ -28,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -308,7 +308,7 @@ def test_karpathy_mapping_argument_and_errors(tmp_path):
 
 def test_scheme_is_a_checked_param():
     assert from_dict(SplitParams, "split", {"scheme": "karpathy"}).scheme == "karpathy"
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="allowed: one of"):
         from_dict(SplitParams, "split", {"scheme": "flickr"})
 
 

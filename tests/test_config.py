@@ -159,12 +159,15 @@ def test_missing_dict_keys_default_to_empty_and_are_not_shared():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"floors": {"CIDEr": "high"}}, "gates.floors.CIDEr='high': expected float, got str"),
-        ({"floors": {"CIDEr": True}}, "gates.floors.CIDEr=True: expected float"),
-        ({"floors": [0.5]}, "gates.floors=[0.5]: expected a mapping, got list"),
-        ({"tolerances": None}, "gates.tolerances=None: expected a mapping"),
-        ({"floors": {1: 0.5}}, "gates.floors key=1: expected str, got int"),
-        ({"floor": {"CIDEr": 0.5}}, "unknown key(s) in params section 'gates': ['floor']"),
+        ({"floors": {"CIDEr": "high"}}, "gates.floors.CIDEr = 'high': allowed: float, got str"),
+        ({"floors": {"CIDEr": True}}, "gates.floors.CIDEr = True: allowed: float"),
+        ({"floors": [0.5]}, "gates.floors = [0.5]: allowed: a mapping, got list"),
+        ({"tolerances": None}, "gates.tolerances = None: allowed: a mapping"),
+        ({"floors": {1: 0.5}}, "gates.floors key = 1: allowed: str, got int"),
+        (
+            {"floor": {"CIDEr": 0.5}},
+            "gates.floor = {'CIDEr': 0.5}: unknown key in params section 'gates'",
+        ),
     ],
 )
 def test_wrong_mappings_fail_loudly(raw, message):

@@ -11,7 +11,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "captioning"
 # Lowest first; a unit may import any unit in an earlier layer.
 LAYERS = [
+    {"param_bounds"},
     {"config", "atomic_files", "server_process"},
+    {"errors", "params_restore", "dvc_cache"},
     {"data"},
     {"features"},
     {"model"},

@@ -416,7 +416,7 @@ def test_experiment_with_overrides(demo):
         "exp", "run", "-S", "train.learning_rate=0.002", "-S", "train.budget_pairs=16"
     )
     log = done.stdout + done.stderr
-    assert _stages_run(log) == ["evaluate", "register", "report", "train"], log
+    assert _stages_run(log) == ["check", "evaluate", "register", "report", "train"], log
 
     shown = json.loads(project.dvc("exp", "show", "--json").stdout)
     experiments = _experiments(shown)
@@ -438,7 +438,7 @@ def test_unknown_param_override_fails_loudly(demo):
     try:
         _check_unknown_param_override(project)
     finally:
-        # A failed workspace experiment leaves its params.yaml behind.
+        # `check` puts params.yaml back after a failed experiment; this undoes any other failure.
         project.git("checkout", "--", "params.yaml")
 
 
@@ -449,12 +449,13 @@ def _check_unknown_param_override(project: Project) -> None:
     assert "lerning_rate" in refused.stdout + refused.stderr, describe(refused)
     assert _stages_run(refused.stdout + refused.stderr) == [], describe(refused)
 
-    # With `+` DVC writes the key, and our params loader stops the train stage
-    # before it opens an MLflow run.
+    # With `+` DVC writes the key, and the `check` stage stops the run before any
+    # other stage (and before an MLflow run opens).
     runs_before = len(_runs(project))
     added = project.dvc("exp", "run", "-S", "+train.lerning_rate=1", check=False)
     output = added.stdout + added.stderr
     assert added.returncode != 0, describe(added)
-    assert "unknown key(s) in params section 'train'" in output, describe(added)
+    assert "unknown key in params section 'train'" in output, describe(added)
+    assert _stages_run(output) == ["check"], describe(added)
     assert "lerning_rate" in output, describe(added)
     assert len(_runs(project)) == runs_before

@@ -14,7 +14,9 @@ import mlflow
 import pandas as pd
 import pytest
 
+from captioning.config import check_params, load_section, read_params
 from captioning.serving import registry
+from pipeline_fixtures import REPO_ROOT
 
 # A models-from-code file: the registry tests log models the way the captioner is logged.
 ECHO_MODEL = """
@@ -48,7 +50,9 @@ def echo_model(tmp_path_factory):
     return path
 
 
-def _register(client, echo_model, name, cider, eval_set="set-a", key=None, run_id=None):
+def _register(
+    client, echo_model, name, cider, eval_set="set-a", key=None, run_id=None, blocked=None
+):
     """Register a trivial model from a new (or given) run with the given test CIDEr."""
     if run_id is None:
         with mlflow.start_run() as run:
@@ -63,7 +67,14 @@ def _register(client, echo_model, name, cider, eval_set="set-a", key=None, run_i
         return info.model_uri, info.model_id
 
     return registry.register_captioner(
-        client, name, run_id, {"CIDEr": cider, "BLEU-4": 0.1}, eval_set, key or run_id, log_model
+        client,
+        name,
+        run_id,
+        {"CIDEr": cider, "BLEU-4": 0.1},
+        eval_set,
+        key or run_id,
+        log_model,
+        blocked=blocked,
     )
 
 
@@ -95,6 +106,34 @@ def test_registering_the_same_run_and_model_twice_is_a_no_op(client, echo_model)
     again = _register(client, echo_model, name, 0.5, key="same", run_id=first.run_id)
     assert again.version == first.version and again.alias == "champion"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_a_run_below_the_gates_or_with_invalid_params_never_becomes_champion(client, echo_model):
+    params = read_params(REPO_ROOT / "params.yaml")
+    gates = load_section("gates", REPO_ROOT / "params.yaml")
+    name = "captioner-gated"
+    low = {"CIDEr": 0.9, "BLEU-4": 0.1}  # a CIDEr to beat anything, a BLEU-4 below its floor
+    below = registry.blocking_reason(check_params(params), low, gates)
+    assert below == "not eligible for champion: gate failed: BLEU-4 fail (below floor 0.2000)"
+    first = _register(client, echo_model, name, 0.9, blocked=below)
+    assert first.alias == "challenger" and first.reason == below
+    assert registry.current_champion(client, name) is None  # not even the first version
+
+    fine = {"CIDEr": 0.5, "BLEU-4": 0.3}
+    assert registry.blocking_reason(check_params(params), fine, gates) is None
+    champion = _register(client, echo_model, name, 0.5)
+    assert champion.alias == "champion"
+
+    params["train"]["budget_pairs"] = -5
+    invalid = registry.blocking_reason(check_params(params), fine, gates)
+    assert invalid == (
+        "not eligible for champion: invalid params: train.budget_pairs = -5: allowed: a number > 0"
+    )
+    better = _register(client, echo_model, name, 0.95, blocked=invalid)
+    assert better.alias == "challenger" and better.previous_champion == champion.version
+    assert str(registry.current_champion(client, name).version) == champion.version
+    tags = client.get_model_version(name, better.version).tags
+    assert tags[registry.TAG_ROLE] == "challenger" and tags[registry.TAG_REASON] == invalid
 
 
 def test_decide_is_strict_and_checks_what_was_measured():

@@ -6,12 +6,15 @@ write goes to a uniquely named temporary sibling in the same folder (so the
 final `os.replace` is a rename on one file system, and two writers never share
 a temporary name), is flushed and fsync'ed, renamed into place, and the folder
 is fsync'ed so the rename itself survives a power cut. A failed write removes
-its temporary file and leaves the target as it was.
+its temporary file and leaves the target as it was; one that failed because
+the disk is full raises `DiskFullError`, which names the target path, so the
+stage's one-line error says where the space ran out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -19,6 +22,52 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_MARKER = ".tmp-"  # every temporary sibling's name contains this (see `is_temporary`)
+
+
+class DiskFullError(OSError):
+    """No space left on the device while writing `path` (errno ENOSPC or EDQUOT)."""
+
+    def __init__(self, path: Path | str, cause: BaseException | None = None):
+        self.path = Path(path)
+        try:
+            free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device writing {self.path} ({free} there): "
+            "free some space or point the output elsewhere, then run the stage again",
+        )
+        self.__cause__ = cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is "no space left" (or a quota)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # Some writers (pyarrow, h5py) re-raise it without an errno, in the message only.
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFullError(path, err) from err
+        raise
 
 
 def temporary_sibling(path: Path | str, suffix: str = "") -> Path:
@@ -68,13 +117,14 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
             table.to_parquet(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path, suffix)
     try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with _disk_full_names(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -108,17 +158,18 @@ def atomic_directory(path: Path | str) -> Iterator[Path]:
     temporary name that the next call ignores.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staged = temporary_sibling(path)
-    staged.mkdir()
     try:
-        yield staged
-        _fsync_tree(staged)
-        old = temporary_sibling(path, ".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(staged, path)
-        _fsync_dir(path.parent)
-        _remove(old)
+        with _disk_full_names(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.mkdir()
+            yield staged
+            _fsync_tree(staged)
+            old = temporary_sibling(path, ".old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(staged, path)
+            _fsync_dir(path.parent)
+            _remove(old)
     finally:
         _remove(staged)

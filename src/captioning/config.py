@@ -1,8 +1,11 @@
 """Typed parameters: one frozen dataclass per section of params.yaml.
 
 Every stage reads its own section(s) through `load_section`, which fails loudly
-on unknown keys and values of the wrong type, so a typo in
-`dvc exp run -S train.lerning_rate=...` stops the run instead of being ignored.
+on unknown keys, values of the wrong type and values out of range
+(`captioning.param_bounds`), so a typo in `dvc exp run -S train.lerning_rate=...`
+stops the run instead of being ignored; `check_params` checks the whole file at
+once (the pipeline's first stage, `check`). Every message reads
+`section.key = value: allowed ...`.
 The dataclasses hold every default, each with its reason beside it; a key left
 out of params.yaml takes that default, which equals params.yaml's own value (a
 test keeps the two equal). `captioning.model.captioner.ModelConfig` takes its defaults
@@ -13,12 +16,16 @@ settings that made it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from captioning.param_bounds import bound_problems
 
 # Pillow's own bound (Image.MAX_IMAGE_PIXELS); `validate.max_pixels` and the image
 # reader default to it, and a test keeps them equal.
@@ -284,13 +291,13 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise ConfigError(f"{section}.{key}={value!r}: expected one of {list(allowed)}")
+            raise ConfigError(f"{section}.{key} = {value!r}: allowed: one of {list(allowed)}")
         return value
     if origin is dict:
         key_type, value_type = typing.get_args(annotation)
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{section}.{key}={value!r}: expected a mapping, got {type(value).__name__}"
+                f"{section}.{key} = {value!r}: allowed: a mapping, got {type(value).__name__}"
             )
         return {
             _check_type(section, f"{key} key", k, key_type): _check_type(
@@ -305,7 +312,8 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
             return value
         raise ConfigError(
-            f"{section}.{key}={value!r}: expected {annotation.__name__}, got {type(value).__name__}"
+            f"{section}.{key} = {value!r}: allowed: {annotation.__name__}, "
+            f"got {type(value).__name__}"
         )
     raise ConfigError(f"{section}.{key}: unsupported annotation {annotation!r}")
 
@@ -319,21 +327,59 @@ REPLACED = {
 }
 
 
-def from_dict(cls: type[T], section: str, raw: dict[str, Any] | None) -> T:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types fail."""
-    raw = dict(raw or {})
+def section_problems(cls: type, section: str, raw: dict[str, Any]) -> tuple[dict, list[str]]:
+    """Check one section's mapping key by key: (the values that passed, every problem found)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    for key in unknown:
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
         if (section, key) in REPLACED:
-            raise ConfigError(f"{section}.{key} is gone: {REPLACED[section, key]}")
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) in params section '{section}': {unknown}; known: {sorted(names)}"
-        )
-    values = {k: _check_type(section, k, v, hints[k]) for k, v in raw.items()}
+            problems.append(f"{section}.{key} is gone: {REPLACED[section, key]}")
+        elif key not in names:
+            problems.append(unknown_key_message(section, key, value, names))
+        else:
+            try:
+                values[key] = _check_type(section, key, value, hints[key])
+            except ConfigError as err:
+                problems.append(str(err))
+    # Ranges are checked on the values as written (0, not the coerced 0.0), for the message.
+    return values, problems + bound_problems(section, {k: raw[k] for k in values})
+
+
+def from_dict(cls: type[T], section: str, raw: dict[str, Any] | None) -> T:
+    """Build dataclass `cls` from a mapping; unknown keys, wrong types and bad ranges fail."""
+    values, problems = section_problems(cls, section, dict(raw or {}))
+    if problems:
+        raise ConfigError(problems[0])
     return cls(**values)
+
+
+def check_params(params: dict[str, Any], require_all: bool = True) -> list[str]:
+    """Every problem of a whole params mapping, one line each, in params.yaml's order.
+
+    Unknown and (with `require_all`) missing sections count too. Empty: all is well.
+    """
+    problems = []
+    for name, raw in params.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), sorted(SECTIONS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {sorted(SECTIONS)}"
+            problems.append(f"{name}: unknown params section; {hint}")
+        elif raw is not None and not isinstance(raw, dict):
+            problems.append(f"{name} = {raw!r}: allowed: a mapping of keys")
+        else:
+            problems += section_problems(SECTIONS[name], name, dict(raw or {}))[1]
+    if require_all:
+        problems += [f"{name}: missing params section" for name in SECTIONS if name not in params]
+    return problems
+
+
+def unknown_key_message(section: str, key: str, value: Any, known: Iterable[str]) -> str:
+    """`section.key = value: unknown key ...`, naming the closest known key when one is close."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"did you mean {section}.{close[0]}?" if close else f"known: {sorted(known)}"
+    return f"{section}.{key} = {value!r}: unknown key in params section '{section}'; {hint}"
 
 
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -3,7 +3,9 @@
 `register_captioner` turns a logged pyfunc model into a version of the
 registered model (`image-captioner` by default) and moves the `champion` alias
 to it only when its test CIDEr beats the current champion's on the same
-evaluation set; otherwise the version gets the `challenger` alias and a tag
+evaluation set, and never when the run is not eligible (`blocking_reason`:
+its params fail the check, or its metrics are below the `gates:` floors);
+otherwise the version gets the `challenger` alias and a tag
 saying why. "The same evaluation set" is a digest of the evaluated image ids
 and their reference captions (`evaluation_set_digest`), stored as a tag on
 every version, because CIDEr depends on the references (and their document
@@ -18,13 +20,16 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from captioning.config import GatesParams
+from captioning.evaluation.gate import compare, summary
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -110,6 +115,28 @@ def decide(
     return Decision(CHALLENGER, f"{metric} {score:.4f} does not beat the {label}'s {theirs:.4f}")
 
 
+def blocking_reason(
+    config_problems: Sequence[str],
+    metrics: Mapping[str, Any] | None = None,
+    gates: GatesParams | None = None,
+) -> str | None:
+    """Why a run may not become champion whatever its score, or None when it may.
+
+    `config_problems` are `captioning.config.check_params`'s lines for the
+    run's params; `metrics` (metrics.json) must meet the `gates:` floors. The
+    tolerances need a base run, which registration has not: `captioning gate`
+    checks those.
+    """
+    if config_problems:
+        more = f" (and {len(config_problems) - 1} more)" if len(config_problems) > 1 else ""
+        return f"not eligible for champion: invalid params: {config_problems[0]}{more}"
+    if metrics is not None and gates is not None and gates.floors:
+        result = compare(metrics, None, dataclasses.replace(gates, tolerances={}))
+        if not result.passed:
+            return f"not eligible for champion: {summary(result)}"
+    return None
+
+
 def current_champion(client: MlflowClient, name: str):
     """The version holding the champion alias, or None."""
     try:
@@ -152,6 +179,7 @@ def register_captioner(
     model_key: str,
     log_model: Callable[[], tuple[str, str | None]],
     metric: str = "CIDEr",
+    blocked: str | None = None,
 ) -> Registration:
     """Register the run's model as a version of `name` and set its alias (champion or challenger).
 
@@ -160,6 +188,7 @@ def register_captioner(
     exact model file and serving settings. `log_model()` logs the model and
     returns (model_uri, model_id); it is called only when this run has no
     version with this key yet, so a rerun logs and registers nothing new.
+    `blocked` (from `blocking_reason`) makes it a challenger whatever its score.
     """
     if metric not in metrics:
         raise KeyError(f"metric {metric!r} not in the evaluation metrics {sorted(metrics)}")
@@ -188,12 +217,16 @@ def register_captioner(
         )
 
     model_uri, model_id = log_model()
-    decision = decide(
-        score,
-        eval_set,
-        champion.tags if champion else None,
-        metric,
-        str(champion.version) if champion else None,
+    decision = (
+        Decision(CHALLENGER, blocked)
+        if blocked
+        else decide(
+            score,
+            eval_set,
+            champion.tags if champion else None,
+            metric,
+            str(champion.version) if champion else None,
+        )
     )
     version = client.create_model_version(
         name=name,
