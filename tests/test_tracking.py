@@ -218,3 +218,60 @@ def test_an_unreachable_server_is_an_error_naming_it_not_a_fresh_run(tmp_path, m
             tracking.resume_run(ref)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_queued_experiments_of_a_sweep_nest_under_its_parent_run(tmp_path):
+    """`make sweep`'s steps on a one-stage DVC project: open, `dvc exp run --run-all`, close."""
+    import os
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("seed: 0\n")
+    (repo / "train.py").write_text(
+        "import mlflow, yaml\n"
+        "from captioning.tracking import runs, sweeps\n"
+        "runs.configure('.')\n"
+        "seed = yaml.safe_load(open('params.yaml'))['seed']\n"
+        "with mlflow.start_run(run_name=f'seed {seed}', parent_run_id=sweeps.parent_run_id()):\n"
+        "    mlflow.log_metric('seed', seed)\n"
+        "open('done.json', 'w').write('{\"ok\": 1}')\n"
+    )
+    stage = {"cmd": "python train.py", "deps": ["train.py"], "params": ["seed"]}
+    stage["metrics"] = [{"done.json": {"cache": False}}]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_EXPERIMENT_NAME": "queued-sweep",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    env.pop(sweeps.SWEEP_RUN_ENV, None)
+
+    def run(*command: str) -> str:
+        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    _git(repo, "init", "-q")
+    run(dvc, "init", "-q")
+    run(dvc, "config", "core.analytics", "false")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "sweepable")
+    module = [sys.executable, "-m", "captioning.tracking.sweeps"]
+    # One queued experiment: what it shows is that the id reaches the queue's worker.
+    run(dvc, "exp", "run", "--queue", "-S", "seed=3")
+    parent = run(*module, "open", "--grid", "-S seed=3").strip().splitlines()[-1]
+    env[sweeps.SWEEP_RUN_ENV] = parent
+    run(dvc, "exp", "run", "--run-all", "--jobs", "1")
+    run(*module, "close", parent, "--exit-code", "0")
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("queued-sweep")
+    nested = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.data.metrics["seed"] for r in nested] == [3.0]
+    assert client.get_run(parent).info.status == "FINISHED"
