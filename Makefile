@@ -56,9 +56,11 @@ bench-gpu: install ## on a GPU: extraction img/s, training pairs/s by precision,
 
 # A small grid on the demo data, one DVC experiment per point, run one at a time.
 SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
-sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time, print the table
+sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time under one MLflow parent run, print the table
 	$(BIN)/dvc exp run --queue $(SWEEP)
-	$(BIN)/dvc exp run --run-all --jobs 1
+	@parent=$$($(BIN)/python -m captioning.tracking.sweeps open --grid "$(SWEEP)") || exit 1; \
+	CAPTIONING_SWEEP_RUN_ID=$$parent $(BIN)/dvc exp run --run-all --jobs 1; status=$$?; \
+	$(BIN)/python -m captioning.tracking.sweeps close $$parent --exit-code $$status; exit $$status
 	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --sort-by reports/metrics.json:CIDEr --sort-order desc --no-pager
 
 SERVE_PORT ?= 5001
