@@ -44,7 +44,9 @@ def test_registered_version_carries_the_savedmodel(registered, tmp_path):
     version = client.get_model_version(result["name"], result["version"])
     uri = version.tags["savedmodel"]
     assert uri == f"runs:/{result['run_id']}/savedmodel"
-    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path), tracking_uri=project.uri)
+    local = mlflow.artifacts.download_artifacts(
+        uri, dst_path=str(tmp_path), tracking_uri=project.uri
+    )
     assert sorted(p.name for p in tmp_path.joinpath("savedmodel").iterdir()) == sorted(
         p.name for p in (project.root / "models" / "savedmodel").iterdir()
     )
