@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help install init repro test test-fast lint bench bench-decoders bench-serve serve gate clean sweep \
-	repro-ci ci-comment record-base
+	repro-ci ci-comment record-base docker docker-build
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -67,6 +67,16 @@ SERVE_PORT ?= 5001
 MODEL_NAME ?= image-captioner
 serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+
+# The champion as a container: `docker` writes build/docker/{Dockerfile,model_dir} offline;
+# `docker-build` has Docker build it (pulls python:3.11-slim and the model's pip requirements).
+DOCKER_DIR ?= build/docker
+DOCKER_IMAGE ?= $(MODEL_NAME)
+docker: install ## write $(DOCKER_DIR)/Dockerfile serving models:/$(MODEL_NAME)@champion (mlflow models generate-dockerfile)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models generate-dockerfile -m models:/$(MODEL_NAME)@champion -d $(DOCKER_DIR)
+
+docker-build: install ## build the image $(DOCKER_IMAGE) of the champion (mlflow models build-docker; needs Docker and a registry)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models build-docker -m models:/$(MODEL_NAME)@champion -n $(DOCKER_IMAGE)
 
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
 	$(BIN)/python -m benchmarks serve --out reports/bench_serve.json

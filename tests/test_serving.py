@@ -505,7 +505,7 @@ class Project:
                 sys.executable, "-m", "stages.register", "--model", str(model),
                 "--metrics", "reports/metrics.json", "--predictions", "reports/predictions.json",
                 "--table", "data/captions.parquet", "--run", str(ref),
-                "--out", "reports/registered.json",
+                "--out", "reports/registered.json", "--savedmodel", "models/savedmodel",
             ],
             cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
