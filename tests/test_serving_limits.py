@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import requests
@@ -275,4 +276,5 @@ def test_the_guard_is_not_installed_outside_the_scoring_server(tmp_path, tiny_ca
     )
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     assert fastapi.FastAPI is original
-    assert len(model.predict({"image": [b64(encode(Image.new("RGB", (32, 32))))]})) == 1
+    frame = pd.DataFrame({"image": [b64(encode(Image.new("RGB", (32, 32))))]})
+    assert len(model.predict(frame)) == 1  # and it predicts in-process
