@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help install init repro test test-fast lint bench bench-decoders bench-serve serve gate clean sweep \
-	repro-ci ci-comment record-base
+	repro-ci ci-comment record-base docker docker-build
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -44,21 +44,23 @@ lint: install ## ruff check and format check
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
 
-bench: install ## print the speed and memory benchmarks (docs/benchmarks.md)
-	$(BIN)/python -m benchmarks.run
+bench: install ## speed and memory benchmarks (docs/benchmarks.md; `python -m benchmarks --list` for all)
+	$(BIN)/python -m benchmarks
 
 bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
-	$(BIN)/python -m benchmarks.run --only decoders --out reports/bench_decoders.json
+	$(BIN)/python -m benchmarks decoders --out reports/bench_decoders.json
 
 .PHONY: bench-gpu
 bench-gpu: install ## on a GPU: extraction img/s, training pairs/s by precision, decoding, share of peak (docs/scaling.md)
-	$(BIN)/python -m benchmarks.gpu --out reports/bench_gpu.json
+	$(BIN)/python -m benchmarks features precision decode --out reports/bench_gpu.json
 
 # A small grid on the demo data, one DVC experiment per point, run one at a time.
 SWEEP ?= -S 'train.learning_rate=0.001,0.002' -S 'train.label_smoothing=0.0,0.1'
-sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time, print the table
+sweep: init ## queue the SWEEP grid as DVC experiments, run them one at a time under one MLflow parent run, print the table
 	$(BIN)/dvc exp run --queue $(SWEEP)
-	$(BIN)/dvc exp run --run-all --jobs 1
+	@parent=$$($(BIN)/python -m captioning.tracking.sweeps open --grid "$(SWEEP)") || exit 1; \
+	CAPTIONING_SWEEP_RUN_ID=$$parent $(BIN)/dvc exp run --run-all --jobs 1; status=$$?; \
+	$(BIN)/python -m captioning.tracking.sweeps close $$parent --exit-code $$status; exit $$status
 	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --sort-by reports/metrics.json:CIDEr --sort-order desc --no-pager
 
 SERVE_PORT ?= 5001
@@ -66,8 +68,18 @@ MODEL_NAME ?= image-captioner
 serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
+# The champion as a container: `docker` writes build/docker/{Dockerfile,model_dir} offline;
+# `docker-build` has Docker build it (pulls python:3.11-slim and the model's pip requirements).
+DOCKER_DIR ?= build/docker
+DOCKER_IMAGE ?= $(MODEL_NAME)
+docker: install ## write $(DOCKER_DIR)/Dockerfile serving models:/$(MODEL_NAME)@champion (mlflow models generate-dockerfile)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models generate-dockerfile -m models:/$(MODEL_NAME)@champion -d $(DOCKER_DIR)
+
+docker-build: install ## build the image $(DOCKER_IMAGE) of the champion (mlflow models build-docker; needs Docker and a registry)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models build-docker -m models:/$(MODEL_NAME)@champion -n $(DOCKER_IMAGE)
+
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
-	$(BIN)/python -m benchmarks.serve_load
+	$(BIN)/python -m benchmarks serve --out reports/bench_serve.json
 
 # --- CI: .github/workflows/ci.yml runs these same targets (docs/ci.md) ---
 CI_DIR := build/ci

@@ -1,9 +1,7 @@
-"""Speed and memory benchmarks of the captioning pipeline, run as `python -m benchmarks.run`.
+"""Benchmarks of the captioning pipeline: `python -m benchmarks [NAME ...] [--quick] [--out FILE]`.
 
-`run` is the command line; `workspace` holds the sizes, project defaults and
-temporary data the benchmarks share, and `results` how they report;
-`features`, `train`, `memory` and `decode` are the benchmarks themselves;
-`serve_load` load-tests the served model through `scoring_server`. Not part of
-the installed package: run from the repository root (the Makefile's `bench`
-target does), so `benchmarks` is found as the current folder's package.
+`__main__` is the one runner, `registry` lists every benchmark (add one there),
+`harness` and `workspace` hold what they share, and each other module holds the
+benchmarks of one subject. Not part of the installed package: run from the
+repository root (the Makefile's bench targets do).
 """

@@ -1,4 +1,4 @@
-"""Does the training budget converge on every data size? `python -m benchmarks.convergence`.
+"""Does the training budget converge on every data size? `python -m benchmarks convergence`.
 
 For each demo size it builds a throwaway DVC project (this checkout's
 dvc.yaml, params.yaml, stages/ and src/, `dvc init --no-scm`) with
@@ -9,21 +9,22 @@ project's defaults otherwise) and records the test split's CIDEr, BLEU-4 and
 object accuracy, the epochs run, whether the run stopped early or ended
 still improving, and the wall time of train + evaluate.
 
-    python -m benchmarks.convergence --sizes 500 2000 4000 --scale 1 2 --seeds 42 43
+    python -m benchmarks convergence --sizes 500 2000 4000 --scale 1 2 --seeds 42 43
 
 runs the default budget with each seed and twice the budget with the first
-seed (`--scale` multiplies params.yaml's `train.budget_pairs`; `--set
-KEY=VALUE` sets another `train` param for every run, e.g.
-`early_stopping_pairs=0` to run whole budgets). `--replay HISTORY.csv ...`
-replays the early-stopping rules on recorded histories instead. Each finished
-run is appended to `--out` at once (a JSON list), so a long sweep that is
-stopped keeps what it measured; a run already there is not repeated. The
-per-epoch histories are copied next to it. docs/experiments.md has the table.
+seed (`--scale` multiplies params.yaml's `train.budget_pairs`; `-S
+train.KEY=VALUE` sets another `train` param for every run, e.g.
+`-S train.early_stopping_pairs=0` to run whole budgets). `--replay HISTORY.csv
+...` replays the early-stopping rules on recorded histories instead. Each
+finished run is appended to `--results` at once (a JSON list), so a long
+sweep that is stopped keeps what it measured; a run already there is not
+repeated. The per-epoch histories are copied next to it. `--quick` runs one
+seed of one 24-image project at the pipeline tests' tiny sizes.
+docs/experiments.md has the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,13 +35,24 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.harness import Result
 from benchmarks.workspace import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent
+DEFAULT_SCRATCH = Path("/tmp/captioning-convergence")
+DEFAULT_RESULTS = REPO_ROOT / "reports" / "convergence.json"
 COPIED = ("dvc.yaml", "params.yaml", "stages", "src")
+QUICK_SIZE = 24
+QUICK_PARAMS = {  # as tests/pipeline_fixtures.py's TINY_PARAMS: the pipeline in a minute or two
+    "data": {"demo_val_images": 12},
+    "features": {"batch_size": 8, "shard_size": 16},
+    "train": {"budget_pairs": 32, "epoch_pairs": 16, "batch_size": 16, "units": 32,
+              "attention_units": 32, "embedding_dim": 16, "encoder_dim": 16},
+    "evaluate": {"batch_size": 8},
+}  # fmt: skip
 
 
-def prepare(root: Path, train_images: int) -> None:
+def prepare(root: Path, train_images: int, quick: bool) -> None:
     """A DVC project with `train_images` demo images, run up to tokenize (skipped when done)."""
     if (root / "data" / "tokens" / "vocab.json").exists():
         return
@@ -55,7 +67,10 @@ def prepare(root: Path, train_images: int) -> None:
             shutil.copy2(source, target)
     if not (root / ".dvc").exists():
         dvc(root, "init", "--no-scm", "-q")
-    set_params(root, {"data": {"demo_train_images": train_images}})
+    changes = QUICK_PARAMS if quick else {}
+    set_params(
+        root, {**changes, "data": {**changes.get("data", {}), "demo_train_images": train_images}}
+    )
     dvc(root, "repro", "tokenize")
 
 
@@ -161,47 +176,36 @@ def replay_table(histories: list[Path], budget: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 4000])
-    parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 2.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/captioning-convergence"))
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "convergence.json")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="another train param for every run (YAML value), e.g. early_stopping_pairs=0",
-    )  # fmt: skip
-    parser.add_argument(
-        "--replay", type=Path, nargs="+", help="history CSVs: replay the stopping rules on them"
-    )
-    parser.add_argument("--replay-budget", type=int, default=60000, help="their runs' budget")
-    args = parser.parse_args(argv)
-    if args.replay:
-        for row in replay_table(args.replay, args.replay_budget):
-            print(json.dumps(row))
-        return
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["budget_pairs"]
-    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    done = json.loads(args.out.read_text()) if args.out.exists() else []
+def bench_convergence(ws) -> Result:
+    o = ws.options
+    if o.replay:
+        result = Result(f"convergence: stopping rules replayed on {len(o.replay)} histories")
+        for row in replay_table(o.replay, o.replay_budget):
+            result.add_row({"run": f"{row.pop('history')}: {row.pop('rule')}", **row})
+        return result
+    sizes, seeds, scales = ([QUICK_SIZE], [42], [1.0]) if ws.quick else (o.sizes, o.seeds, o.scale)
+    scratch = o.scratch or (ws.root / "convergence" if ws.quick else DEFAULT_SCRATCH)
+    results = o.results or (ws.root / "convergence.json" if ws.quick else DEFAULT_RESULTS)
+    extra = dict(o.overrides)
+    done = json.loads(results.read_text()) if results.exists() else []
     # Default budget with every seed, larger ones with the first: seed spread and budget gain.
-    plan = [(s, 1.0, seed) for s in args.sizes for seed in args.seeds if 1.0 in args.scale]
-    plan += [(s, scale, args.seeds[0]) for s in args.sizes for scale in args.scale if scale != 1.0]
-    plan.sort(key=lambda item: args.sizes.index(item[0]))
+    plan = [(s, 1.0, seed) for s in sizes for seed in seeds if 1.0 in scales]
+    plan += [(s, scale, seeds[0]) for s in sizes for scale in scales if scale != 1.0]
+    plan.sort(key=lambda item: sizes.index(item[0]))
+    result = Result(f"convergence: test scores of train + evaluate, {len(plan)} runs, {extra}")
     for size, scale, seed in plan:
-        budget = int(base * scale)
-        key = {"train_images": size, "budget_pairs": budget, "seed": seed, **extra}
-        if any(all(row.get(k) == v for k, v in key.items()) for row in done):
-            continue
-        root = args.scratch / f"demo{size}"
-        prepare(root, size)
-        histories = args.out.parent / "convergence"
-        result = {**key, **run_one(root, budget, seed, histories, extra)}
-        print(json.dumps(result), flush=True)
-        done.append(result)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(done, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        root = scratch / f"demo{size}"
+        prepare(root, size, ws.quick)
+        base = yaml.safe_load((root / "params.yaml").read_text())["train"]["budget_pairs"]
+        key = {"train_images": size, "budget_pairs": int(base * scale), "seed": seed, **extra}
+        row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+        if row is None:
+            row = {**key, **run_one(root, key["budget_pairs"], seed, results.parent / "convergence",
+                                    extra)}  # fmt: skip
+            done.append(row)
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(done, indent=2) + "\n")
+        label = f"{size} images, {key['budget_pairs']} pairs, seed {seed}"
+        result.add_row({"run": label, **{k: v for k, v in row.items() if k not in key}})
+    result.notes.append(f"results appended to {results}; projects in {scratch}")
+    return result

@@ -1,53 +1,27 @@
-"""Decoding benchmarks: batched greedy decoding speed, and greedy vs beam search on real outputs.
+"""Decoding benchmark: batched greedy decoding against one image at a time.
 
 `bench_decode` times greedy captions/s of `CaptionDecoder` on batches of the
 evaluate stage's size (and a bigger one) against one image at a time and
 against the tutorial's eager loop, with an untrained model of the tutorial's
 sizes; the matmuls-only ceiling says what a batch could reach at best.
-`bench_decoders` (`--only decoders`) needs the pipeline's outputs: it scores
-greedy, beam 3 and beam 5 on the evaluate split with the evaluate stage's own
-`evaluate_split`, and times each decoder.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from benchmarks.flops import add_utilisation, captioner_flops
-from benchmarks.results import Result, seconds
-from benchmarks.workspace import (
-    CAPTION_TABLE,
-    EVALUATE_BATCH,
-    FEATURES_DIR,
-    PARAMS_FILE,
-    RAW_DIR,
-    Sizes,
-    Workspace,
-    fake_features,
-    tutorial_model,
-)
-from captioning.config import EvaluateParams, load_section
-from captioning.data.sources import REF_NAME, source_scorer
+from benchmarks.harness import Result, seconds
+from benchmarks.workspace import EVALUATE_BATCH, Sizes, Workspace, fake_features, tutorial_model
 from captioning.data.text import END_ID, PAD_ID, START_ID
-from captioning.evaluation.evaluate import decode_images, evaluate_split, references_by_image
-from captioning.features import INDEX_FILE, FeatureStore
-from captioning.model.captioner import Captioner, load_captioner
+from captioning.model.captioner import Captioner
 from captioning.model.decode import CaptionDecoder
 
 DECODE_MAX_LEN = 20
 DECODE_BATCHES = (EVALUATE_BATCH, 256)  # the evaluate stage's batch, and a bigger one
-DECODERS = (("greedy", 1), ("beam", 3), ("beam", 5))  # (method, beam size)
-QUALITY = (
-    "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
-    "object_accuracy", "grounding",
-)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -214,91 +188,4 @@ def bench_decode(ws: Workspace) -> Result:
         "no attention, softmax or loop): on CPU a batch shares their weight reads, not their "
         "arithmetic, so where the ceiling is under the target that batch size cannot reach it"
     )
-    return result
-
-
-# ----------------------------------------------------------------------------- decoders
-
-
-def decoder_inputs(project: Path, model: Path) -> dict[str, Path]:
-    """The pipeline outputs the decoders benchmark reads; exits with what is missing."""
-    paths = {
-        "model": model,
-        "features": project / FEATURES_DIR,
-        "captions": project / CAPTION_TABLE,
-        "raw": project / RAW_DIR,
-        "params": project / PARAMS_FILE,
-    }
-    needed = [model, paths["features"] / INDEX_FILE, paths["captions"], paths["raw"] / REF_NAME]
-    missing = [str(p) for p in (*needed, paths["params"]) if not p.exists()]
-    if missing:
-        raise SystemExit(
-            f"decoders: {', '.join(missing)} not found. The benchmark scores the trained model "
-            "on the pipeline's features: run `make repro` first (or pass --model / --project)."
-        )
-    return paths
-
-
-def _evaluation_set(paths: dict[str, Path], params: EvaluateParams, limit: int | None):
-    """The caption table and the sorted evaluate-split image ids, cut to `limit` images."""
-    table = pd.read_parquet(paths["captions"])
-    image_ids = np.asarray(sorted(references_by_image(table, params.split)), dtype=np.int64)
-    if limit is not None:  # --quick: the split's first images only
-        image_ids = image_ids[:limit]
-        table = table[(table["split"] != params.split) | table["image_id"].isin(image_ids)]
-    return table, image_ids
-
-
-def _score_and_time(
-    model, store, table, image_ids, settings, objects, decoder
-) -> tuple[dict, dict]:
-    """One decoder's row (scores, mean words, captions/s) and the human-agreement figures."""
-    decode_images(model, store, image_ids, settings, decoder)  # warm-up: traces each shape
-    start = time.perf_counter()
-    timed = decode_images(model, store, image_ids, settings, decoder)
-    decode_s = time.perf_counter() - start
-    scored = evaluate_split(model, store, table, settings, objects)
-    if scored.decoded.captions != timed.captions:
-        raise RuntimeError(
-            f"{settings.decoder}: evaluate_split decoded other captions than the timed run"
-        )
-    name = "greedy" if settings.decoder == "greedy" else f"{settings.decoder} {settings.beam_size}"
-    row = {"decoder": name}
-    row.update({metric: scored.corpus[metric] for metric in QUALITY if metric in scored.corpus})
-    row["mean words"] = scored.corpus["mean_words"]
-    row["captions/s"] = len(image_ids) / decode_s
-    human = {k: v for k, v in scored.corpus.items() if k.startswith("human_")}
-    return row, human
-
-
-def bench_decoders(ws: Workspace) -> Result:
-    paths = ws.pipeline
-    params = load_section("evaluate", paths["params"])
-    table, image_ids = _evaluation_set(paths, params, ws.sizes.decoders_images)
-    model = load_captioner(str(paths["model"]))
-    store = FeatureStore(paths["features"])
-    objects = source_scorer(paths["raw"])
-    result = Result(
-        f"decoders: greedy vs beam 3 vs beam 5 on the {params.split} split "
-        f"({len(image_ids)} images, max_len {params.max_len}, batch {params.batch_size}), "
-        f"{paths['model']}"
-    )
-    decoder = CaptionDecoder(model)
-    human: dict[str, float] = {}
-    for method, beam_size in DECODERS:
-        settings = dataclasses.replace(params, decoder=method, beam_size=beam_size)
-        row, human = _score_and_time(model, store, table, image_ids, settings, objects, decoder)
-        result.add_row(row)
-    result.add("images", len(image_ids), "")
-    for name, value in human.items():
-        result.add(f"one human reference vs the others: {name[len('human_') :]}", value, "")
-    result.notes.append(
-        "scores from evaluate_split, as the evaluate stage computes them (greedy matches "
-        "reports/metrics.json for the same model and params); captions/s times decode_images "
-        "alone (feature reads + decoding, after one warm-up pass), scoring excluded"
-    )
-    if objects is None:
-        result.notes.append(
-            "not the demo data set: no object truth, so no object_accuracy or grounding"
-        )
     return result

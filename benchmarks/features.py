@@ -16,7 +16,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from benchmarks.flops import add_utilisation, layer_flops
-from benchmarks.results import Result, seconds
+from benchmarks.harness import Result, seconds
 from benchmarks.workspace import (
     CHANNELS,
     EXTRACTOR_WEIGHTS,

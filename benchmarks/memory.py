@@ -13,13 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.results import Result
+from benchmarks.harness import PeakSampler, Result, status_kib
 from benchmarks.workspace import (
     CAPTIONS_PER_IMAGE,
     CHANNELS,
@@ -43,37 +42,6 @@ GROWTH_TARGET = 0.10  # peak anonymous RSS may grow this much for several times 
 
 
 # ----------------------------------------------------------------------------- the child
-
-
-class _AnonPeak:
-    """Samples this process's anonymous RSS (heap, not file-backed mmap pages) every 20 ms."""
-
-    def __init__(self):
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
-            self._stop.wait(0.02)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_kib = max(self.peak_kib, _status_kib("RssAnon"))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _extract_workload(config: dict) -> None:
@@ -101,9 +69,10 @@ def child_main(kind: str, config: dict) -> None:
     """Run one memory workload in this (child) process and print its figures as JSON."""
     if kind not in WORKLOADS:
         raise ValueError(f"unknown child workload {kind!r}")
-    with _AnonPeak() as anon:
+    with PeakSampler(lambda: status_kib("RssAnon"), period=0.02) as anon:
         WORKLOADS[kind](config)
-    report = {"vm_hwm_kib": _status_kib("VmHWM"), "peak_anon_kib": anon.peak_kib}
+    anon_kib = max(anon.peak, status_kib("RssAnon"))
+    report = {"vm_hwm_kib": status_kib("VmHWM"), "peak_anon_kib": anon_kib}
     print(CHILD_PREFIX + json.dumps(report), flush=True)
 
 
@@ -159,15 +128,10 @@ def _add_growth(result: Result, kind: str, lo: int, hi: int, runs: dict) -> None
     anon_lo, anon_hi = (runs[(kind, n)]["peak_anon_kib"] / 1024 for n in (lo, hi))
     growth = anon_hi / anon_lo - 1
     times = f"{hi / lo:g}x data"
-    result.add(
-        f"{kind}: peak RSS (VmHWM), {lo} / {hi} images", f"{peak_lo:,.0f} / {peak_hi:,.0f}", "MiB"
-    )
+    for count, peak, anon in ((lo, peak_lo, anon_lo), (hi, peak_hi, anon_hi)):
+        result.add(f"{kind}: peak RSS (VmHWM), {count} images", peak, "MiB")
+        result.add(f"{kind}: peak anonymous RSS, {count} images", anon, "MiB")
     result.add(f"{kind}: peak RSS growth for {times}", peak_hi / peak_lo - 1, "")
-    result.add(
-        f"{kind}: peak anonymous RSS, {lo} / {hi} images",
-        f"{anon_lo:,.0f} / {anon_hi:,.0f}",
-        "MiB",
-    )
     result.add(f"{kind}: peak anonymous RSS growth for {times}", growth, "")
     # What an in-memory design would add: the extra images' float16 features.
     extra = (hi - lo) * LOCATIONS * CHANNELS * 2 / 2**20

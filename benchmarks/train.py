@@ -1,4 +1,4 @@
-"""Training benchmark: the compiled whole-sequence step against the tutorial's loop over words.
+"""Training benchmarks: the compiled whole-sequence step against the tutorial's loop, precisions.
 
 `bench_train` measures caption pairs/s of the project's `Captioner.fit` (one
 XLA-compiled step over the whole sequence, also with image-major batches) and
@@ -6,13 +6,14 @@ of the TensorFlow tutorial's train_step, a Python loop over time steps inside a
 GradientTape, both as the tutorial writes it and with the per-sequence work
 hoisted out of the loop. The loops here are the baselines; they use the
 model's own layers, so the loop is the only difference, and the benchmark first
-checks that they compute the scan's logits.
+checks that they compute the scan's logits. `bench_precision` times the step
+the train stage runs for each `train.precision`, with its share of the float32
+and of the half-precision matmul peak (tensor cores, on a GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import keras
@@ -24,8 +25,9 @@ from benchmarks.flops import (
     add_utilisation,
     captioner_flops,
     matmul_gflops,
+    peak_gflops,
 )
-from benchmarks.results import Result, seconds
+from benchmarks.harness import BatchClock, Result, Timing, seconds, timed
 from benchmarks.workspace import (
     CAPTION_TOKENS,
     CAPTIONS_PER_IMAGE,
@@ -132,17 +134,6 @@ def hoisted_train_step(model: Captioner, optimizer, features, tokens) -> tf.Tens
 # ----------------------------------------------------------------------------- timing steps
 
 
-class _BatchClock(keras.callbacks.Callback):
-    """Records when each training batch ends."""
-
-    def __init__(self):
-        super().__init__()
-        self.ends: list[float] = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
-
-
 Batch = tuple[np.ndarray, np.ndarray]  # features (B, L, C) float16, tokens int32
 
 
@@ -179,7 +170,7 @@ def _dataset(items: list[Batch], tokens_shape: tuple) -> tf.data.Dataset:
 def _fit_seconds(model: Captioner, batches: tf.data.Dataset) -> float:
     """One fit over all batches, clocked from the end of the first (traced) batch to the
     end of the last: fit's own set-up costs about half a second per call."""
-    clock = _BatchClock()
+    clock = BatchClock()
     model.fit(batches, shuffle=False, verbose=0, callbacks=[clock])
     return clock.ends[-1] - clock.ends[0]
 
@@ -233,8 +224,8 @@ def _step_elements(data: list[Batch]) -> tf.data.Dataset:
     return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=signature)
 
 
-def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
-    """Pairs/s of the training step that `train.precision` runs, on fake batches.
+def precision_steps(vocab_size: int, batches: int, precision: str) -> Timing:
+    """Seconds of each of `batches` steps that `train.precision` runs, on fake batches.
 
     The step is `captioning.training.distributed.distributed_step` on one device, as
     the train stage runs it whenever train.distribute or train.precision is
@@ -252,12 +243,7 @@ def precision_rate(vocab_size: int, batches: int, precision: str) -> float:
         optimizer.build(model.trainable_variables)
         step = distributed_step(make_strategy("none"), model, optimizer, params.jit_compile)
         iterator = iter(_step_elements(data))
-        step(iterator).numpy()  # warm-up: traces and compiles
-        return (
-            batches
-            * TRAIN_BATCH
-            / seconds(lambda: [step(iterator).numpy() for _ in range(batches)])
-        )
+        return timed(lambda: step(iterator).numpy(), batches)  # the warm-up traces, compiles
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
@@ -343,4 +329,38 @@ def bench_train(ws: Workspace) -> Result:
     else:
         result.notes.append("--quick skips the tf.function-decorated tutorial loop")
     result.notes.append(f"{sizes.train_batches} timed batches per variant after one warm-up batch")
+    return result
+
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # train.precision's values
+_HALF = {"mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}
+
+
+def bench_precision(ws: Workspace) -> Result:
+    """Training pairs/s under each train.precision, with its share of float32 and half peaks."""
+    sizes = ws.sizes
+    result = Result(
+        f"precision: caption pairs/s by train.precision (the step the train stage runs for it), "
+        f"batch {TRAIN_BATCH}, {sizes.train_batches} timed batches"
+    )
+    words = CAPTION_TOKENS - 1
+    per_pair = TRAINING_PER_FORWARD * captioner_flops(tutorial_model(ws.vocab_size)).forward(words)
+    peak32 = ws.peak_gflops()
+    result.add(f"peak float32 ({sizes.peak_matmul}^2 matmul)", peak32, "GFLOP/s")
+    result.add("model FLOPs per caption pair (training)", per_pair / 1e9, "GFLOP")
+    for precision in PRECISIONS:
+        try:
+            steps = precision_steps(ws.vocab_size, sizes.train_batches, precision)
+        except Exception as err:  # a precision this device or the model cannot run: say which
+            result.notes.append(f"{precision} failed: {type(err).__name__}: {str(err)[:300]}")
+            continue
+        rate = len(steps.samples) * TRAIN_BATCH / sum(steps.samples)
+        achieved = per_pair * rate / 1e9
+        row = {"precision": precision, "pairs/s": rate, "step spread": steps.spread}
+        row["GFLOP/s"] = achieved
+        row["% of float32 peak"] = 100 * achieved / peak32
+        if precision in _HALF:
+            half = peak_gflops(sizes.peak_matmul, _HALF[precision])
+            row.update({"half peak GFLOP/s": half, "% of half peak": 100 * achieved / half})
+        result.add_row(row)
     return result

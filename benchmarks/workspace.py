@@ -4,15 +4,17 @@
 `FULL` for the measurement). Batch, image and model sizes are the project's
 own defaults, read from the `captioning.config` and `captioning.model.captioner`
 dataclasses, so a benchmark measures what the pipeline runs. The paths of the
-pipeline outputs the decoders benchmark reads live here too, in one place.
-`Workspace` holds what one run shares between benchmarks (demo images, the
-extractor, the feature store, the machine's peak GFLOP/s, measured); the
+pipeline outputs the decoders benchmarks read live here too, in one place.
+`Workspace` holds what one run shares between benchmarks (the command-line
+options, demo images, the extractor, the feature store, the machine's peak
+GFLOP/s, measured); the
 fake-data writers make tokens, features and stores of the right shapes
 without running the pipeline.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -34,8 +36,9 @@ from captioning.features import (
 from captioning.model.captioner import Captioner, ModelConfig, build_captioner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCH_REPORT = REPO_ROOT / "reports" / "bench.json"
-# What the decoders benchmark reads, relative to --project: where dvc.yaml's stages write it.
+REPORTS = REPO_ROOT / "reports"
+BENCH_REPORT = REPORTS / "bench.json"
+# What the decoders benchmarks read, relative to --project: where dvc.yaml's stages write it.
 MODEL_FILE = "models/captioner.keras"
 FEATURES_DIR = "data/features"
 CAPTION_TABLE = "data/interim/captions.parquet"
@@ -90,16 +93,22 @@ class Sizes:
 
 QUICK = Sizes(64, (64, 128), 32, (200, 800), 2, 2, False, 4, 1, 1, 24, 2048)
 FULL = Sizes(192, (128, 512), 64, (200, 800), 6, 8, True, 18, 3, 4, None, PEAK_SIZE)
+# A GPU runs these in seconds: more images and batches than the CPU run, fewer
+# repeats of the slow one-at-a-time baselines, bigger matmuls for the peak.
+GPU_SIZES = dataclasses.replace(
+    FULL, feature_images=1024, train_batches=40, train_unrolled=False,
+    decode_single=16, decode_repeats=3, decode_eager=2, peak_matmul=8192,
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def tutorial_model(vocab_size: int, seed: int = 0) -> Captioner:
+def tutorial_model(vocab_size: int, seed: int = 0, **config) -> Captioner:
     """A captioner of ModelConfig's default sizes, the tutorial's, over a made-up vocabulary."""
     words = (f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS)))
     vocabulary = Vocabulary([*SPECIAL_TOKENS, *words])
-    return build_captioner(ModelConfig(vocab_size=vocab_size), vocabulary, seed=seed)
+    return build_captioner(ModelConfig(vocab_size=vocab_size, **config), vocabulary, seed=seed)
 
 
 def model_sizes() -> str:
@@ -188,33 +197,24 @@ def write_fake_store(out: Path, count: int, shard_size: int = 256, seed: int = 0
 
 
 class Workspace:
-    """Temporary data shared by the benchmarks of one run: demo images, extractor, store.
+    """What the benchmarks of one run share: options, demo images, extractor, feature store."""
 
-    `pipeline` holds the paths of the pipeline outputs the decoders benchmark reads.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        sizes: Sizes,
-        vocab_size: int,
-        demo_images: int,
-        pipeline: dict[str, Path] | None = None,
-    ):
+    def __init__(self, root: Path, sizes: Sizes, options: argparse.Namespace):
         self.root = root
-        self.pipeline = pipeline or {}
         self.sizes = sizes
-        self.vocab_size = vocab_size
-        self.demo_count = demo_images
+        self.options = options
+        self.quick = options.quick
+        self.vocab_size = options.vocab_size
         self.demo_root = root / "demo"
         self.store_dir: Path | None = None
-        self._demo_ready = False
+        self._demo_count = 0
         self._extractor: keras.Model | None = None
 
     def images(self, count: int) -> pd.DataFrame:
-        if not self._demo_ready:
-            generate_demo(self.demo_root, self.demo_count, 0, seed=0)
-            self._demo_ready = True
+        """The first `count` demo train images (generated once, again if more are asked for)."""
+        if count > self._demo_count:
+            generate_demo(self.demo_root, count, 0, seed=0)
+            self._demo_count = count
         return image_table(self.demo_root, count)
 
     def extractor(self) -> keras.Model:
@@ -222,10 +222,10 @@ class Workspace:
             self._extractor = new_extractor()
         return self._extractor
 
-    def peak_gflops(self) -> float:
-        """The machine's float32 matmul peak, measured now.
+    def peak_gflops(self, dtype=None) -> float:
+        """The machine's matmul peak (float32 unless `dtype`), measured now.
 
         Each benchmark measures it beside its own rates: on a shared machine
         the load changes over a run, and a share is only fair at one load.
         """
-        return peak_gflops(self.sizes.peak_matmul)
+        return peak_gflops(self.sizes.peak_matmul, *(() if dtype is None else (dtype,)))

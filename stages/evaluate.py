@@ -51,6 +51,7 @@ def main() -> None:
     tracking.configure(Path.cwd())
     with mlflow.start_run(run_id=tracking.resume_run(args.run)):
         mlflow.log_metrics({f"{params.split}.{k}": float(v) for k, v in result.corpus.items()})
+        tracking.log_split(args.table, params.split, source=args.table)  # context: the split
         for path in (args.metrics, args.per_image, args.predictions, args.by_length):
             mlflow.log_artifact(path)
     print(json.dumps(result.corpus, indent=2, sort_keys=True))

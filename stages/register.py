@@ -13,7 +13,10 @@ from captioning.config import GatesParams, check_params, from_dict, load_section
 from captioning.errors import run_stage
 from captioning.serving import registry
 from captioning.serving.pyfunc import ServingConfig, log_captioner_model
+from captioning.serving.savedmodel import export_savedmodel
 from captioning.tracking import runs as tracking
+
+SAVEDMODEL_ARTIFACT = "savedmodel"
 
 
 def main() -> None:
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--table", required=True, help="caption table (the references)")
     parser.add_argument("--run", required=True, help="JSON naming the training MLflow run")
     parser.add_argument("--out", required=True, help="registration JSON to write")
+    parser.add_argument("--savedmodel", required=True, help="TF SavedModel folder to write")
     args = parser.parse_args()
     params = load_section("register")
     evaluate = load_section("evaluate")
@@ -41,6 +45,7 @@ def main() -> None:
     raw = read_params()
     gates = from_dict(GatesParams, "gates", raw.get("gates"))
     blocked = registry.blocking_reason(check_params(raw, require_all=False), metrics, gates)
+    export_savedmodel(args.model, args.savedmodel, serving.max_length, serving.max_pixels)
 
     tracking.configure(Path.cwd())
     run_id = tracking.resume_run(args.run)
@@ -50,6 +55,7 @@ def main() -> None:
 
         def log_model() -> tuple[str, str]:
             info = log_captioner_model(args.model, serving, tags={"eval_set_digest": eval_set})
+            mlflow.log_artifacts(args.savedmodel, SAVEDMODEL_ARTIFACT)  # for TF Serving
             mlflow.log_metrics(
                 {f"{evaluate.split}.{k}": float(v) for k, v in numbers.items()},
                 model_id=info.model_id,
@@ -65,6 +71,9 @@ def main() -> None:
             registry.model_key(args.model, dataclasses.asdict(serving)),
             log_model,
             blocked=blocked,
+        )
+        mlflow.MlflowClient().set_model_version_tag(
+            result.name, result.version, "savedmodel", f"runs:/{run_id}/{SAVEDMODEL_ARTIFACT}"
         )
         mlflow.set_tags(
             {

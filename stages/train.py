@@ -1,4 +1,9 @@
-"""Stage `train`: fit the captioner on cached features, logging to a new MLflow run."""
+"""Stage `train`: fit the captioner on cached features, logging to DVCLive and a new MLflow run.
+
+The MLflow run records system metrics (CPU, memory, disk, network, GPU where
+there is one) while it trains, and nests under the sweep's run when `make
+sweep` started it.
+"""
 
 import argparse
 import json
@@ -17,8 +22,10 @@ from captioning.errors import run_stage
 from captioning.evaluation.evaluate import references_by_image
 from captioning.features import FeatureStore
 from captioning.tracking import runs as tracking
+from captioning.tracking.sweeps import parent_run_id
 from captioning.training.batches import CaptionSet
 from captioning.training.budget import StoppingRule, still_improving_warning
+from captioning.training.callbacks import LiveMetrics
 from captioning.training.checkpoints import read_history, save_model, settings_fingerprint
 from captioning.training.distributed import is_chief, train_distributed, trainer
 
@@ -34,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="output .keras file")
     parser.add_argument("--checkpoints", required=True, help="per-epoch state, kept for resuming")
     parser.add_argument("--history", required=True, help="per-epoch metrics CSV")
+    parser.add_argument("--live", required=True, help="DVCLive folder (metrics.json, plots/)")
     parser.add_argument("--run", required=True, help="output JSON naming the MLflow run")
     args = parser.parse_args()
     if not is_chief(load_section("train").distribute):
@@ -45,6 +53,7 @@ def main() -> None:
         run, summary, warning = train_in_run(args)
     shutil.copyfile(Path(args.checkpoints) / "mlflow_run.json", args.run)
     print(f"train: {summary} (MLflow run {run.info.run_id}, {run.info.run_name!r})")
+    print(f"train: {tracking.experiment_url(uri, run.info.experiment_id, run.info.run_id)}")
     if warning:
         print(f"train: WARNING: {warning}", file=sys.stderr)
 
@@ -67,14 +76,18 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict, str 
     key = settings_fingerprint(tracking.flatten(all_params))
     previous = tracking.resume_run(checkpoints / "mlflow_run.json", unfinished_only=True, key=key)
     name = None if previous else tracking.run_name(repo, all_params)
-    with mlflow.start_run(run_id=previous, run_name=name) as run:
+    parent = None if previous else parent_run_id()
+    with mlflow.start_run(
+        run_id=previous, run_name=name, parent_run_id=parent, log_system_metrics=True
+    ) as run:
         tracking.save_run_ref(checkpoints / "mlflow_run.json", run, key)
         mlflow.log_params(tracking.flatten(all_params))
         hashes = tracking.dvc_output_hashes(
             repo / "dvc.lock", [args.table, args.features, args.tokens]
         )
         mlflow.set_tags(tracking.run_tags(repo, hashes))
-        tracking.log_training_data(args.table, source=args.table)
+        for split in ("train", "val"):  # a resumed run's are already there: MLflow keeps one
+            tracking.log_split(args.table, split, source=args.table)
         extractor = json.loads((Path(args.features) / "extractor.json").read_text())
         params = load_section("train")
         model, summary = trainer(params)(
@@ -86,7 +99,7 @@ def train_in_run(args: argparse.Namespace) -> tuple[mlflow.ActiveRun, dict, str 
             extractor,
             checkpoints,
             args.history,
-            callbacks=[tracking.EpochLogger()],
+            callbacks=[LiveMetrics(args.live), tracking.EpochLogger()],
             val_references=val_references,
             val_scorer=source_scorer(args.raw),
         )

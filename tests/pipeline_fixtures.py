@@ -116,6 +116,8 @@ def pipeline_env(mlflow_db: Path) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="1",
         TF_CPP_MIN_LOG_LEVEL="2",
+        # The tiny runs train for seconds: sample system metrics often enough to see some.
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="2",
     )
     return env
 

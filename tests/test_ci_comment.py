@@ -1,7 +1,8 @@
-"""The CI comment: its Markdown, the curves drawn from dvc's plot data, and where it is delivered.
+"""The CI comment: its Markdown, dvc's plots rendered to PNG, and where it is delivered.
 
-Delivery runs against a fake `gh` on PATH that records its arguments, so
-nothing reaches GitHub. `test_gate.py` builds a comment from a real
+The curves come from a real `dvc plots diff` in a temp git + DVC repo with a
+base commit. Delivery runs against a fake `gh` on PATH that records its
+arguments, so nothing reaches GitHub. `test_gate.py` builds a comment from a real
 `dvc plots diff` end to end.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,53 +20,63 @@ from captioning.evaluation import ci_comment
 GATE_TABLE = "### Quality gate: passed (1 metrics, 0 improved)\n\n| metric | base | PR |\n"
 
 
-def _payload(rows: list[dict]) -> dict:
-    """The shape of `dvc plots diff --json --split` for one plot."""
-    return {
-        "data": {
-            "Training curves": [
-                {
-                    "type": "vega",
-                    "revisions": sorted({r["rev"] for r in rows}),
-                    "content": {"encoding": {"x": {"field": "epoch", "type": "quantitative"}}},
-                    "anchor_definitions": {"<DVC_METRIC_DATA>": rows},
-                }
-            ]
-        }
-    }
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root,
+                   check=True, capture_output=True)  # fmt: skip
 
 
-def _row(rev: str, field: str, epoch: int, value: float) -> dict:
-    # dvc gives every value as a string.
-    return {"epoch": str(epoch), field: str(value), "dvc_inferred_y_value": str(value), "rev": rev,
-            "field": field}  # fmt: skip
+HISTORY = "pairs_seen,loss,val_loss\n100,{a},{b}\n200,{c},{d}\n"
 
 
-def test_plot_rows_and_x_field_come_from_dvc_json():
-    rows = [_row("workspace", "loss", 1, 2.0), _row("main", "loss", 1, 2.5)]
-    payload = _payload(rows)
-    assert ci_comment.plot_rows(payload) == {"Training curves": rows}
-    assert ci_comment.plot_x_field(payload, "Training curves") == "epoch"
+@pytest.fixture(scope="module")
+def two_commits(tmp_path_factory):
+    """A real git + DVC repo: a base commit, then this run's history in the workspace."""
+    root = tmp_path_factory.mktemp("pr")
+    _git(root, "init", "-q")
+    subprocess.run([ci_comment._dvc(), "init", "-q"], cwd=root, check=True)
+    (root / "reports").mkdir()
+    (root / "dvc.yaml").write_text(
+        "plots:\n  - Training loss:\n      template: linear\n      x: pairs_seen\n"
+        "      y:\n        reports/h.csv: [loss, val_loss]\n"
+    )
+    (root / "reports" / "h.csv").write_text(HISTORY.format(a=3.0, b=3.2, c=2.0, d=2.5))
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "base")
+    (root / "reports" / "h.csv").write_text(HISTORY.format(a=2.5, b=3.0, c=1.5, d=2.1))
+    return root
 
 
-def test_draw_curves_writes_a_png(tmp_path):
-    rows = [_row(rev, f, e, 3.0 / e) for rev in ("this run", "base") for f in ("loss", "val_loss")
-            for e in (1, 2, 3)]  # fmt: skip
-    out = ci_comment.draw_curves(rows, "epoch", "Training curves", tmp_path / "c.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.slow
+def test_curves_are_dvc_plots_diff_rendered_to_png(two_commits, tmp_path, monkeypatch):
+    monkeypatch.chdir(two_commits)
+    payload = ci_comment.dvc_plots("HEAD")
+    [(title, spec)] = ci_comment.vega_specs(payload).items()
+    assert title == "Training loss"
+    labelled = ci_comment.with_base(spec, "HEAD", None)
+    revs = {r["rev"] for r in labelled["data"]["values"]}
+    assert revs == {"this run", "base HEAD"}
+    assert labelled["encoding"]["color"]["scale"]["domain"] == ["this run", "base HEAD"]
+    [png], notes = ci_comment.training_curves(tmp_path, "HEAD")
+    assert notes == [] and png.name == "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Drawn from both revisions: not the picture of this run alone.
+    [alone], _ = ci_comment.training_curves(tmp_path / "alone")
+    assert png.stat().st_size != alone.stat().st_size
 
 
-def test_rows_from_a_recorded_base_history(tmp_path):
-    history = tmp_path / "train_history.csv"
-    history.write_text("epoch,loss,val_loss,ce\n1,2.0,2.2,1.9\n2,1.5,1.8,1.4\n")
-    rows = ci_comment.rows_from_csv(history, "epoch", ["loss", "val_loss", "absent"], "base")
-    assert [(r["field"], r["epoch"], r["dvc_inferred_y_value"]) for r in rows] == [
-        ("loss", 1, 2.0),
-        ("loss", 2, 1.5),
-        ("val_loss", 1, 2.2),
-        ("val_loss", 2, 1.8),
-    ]
-    assert {r["rev"] for r in rows} == {"base"}
+@pytest.mark.slow
+def test_a_recorded_base_history_joins_dvc_plot(two_commits, tmp_path, monkeypatch):
+    monkeypatch.chdir(two_commits)
+    history = tmp_path / "base.csv"
+    history.write_text(HISTORY.format(a=4.0, b=4.2, c=3.0, d=3.5) + "300,2.0,2.9\n")
+    [spec] = ci_comment.vega_specs(ci_comment.dvc_plots(None)).values()
+    values = ci_comment.with_base(spec, None, history)["data"]["values"]
+    base = [(r["field"], r["pairs_seen"], r["dvc_inferred_y_value"]) for r in values
+            if r["rev"] == "base"]  # fmt: skip
+    assert base[:3] == [("loss", "100", "4.0"), ("loss", "200", "3.0"), ("loss", "300", "2.0")]
+    assert len(base) == 6
+    [png], _ = ci_comment.training_curves(tmp_path, None, history)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pick_overlays_takes_the_lowest_image_ids(tmp_path):

@@ -127,7 +127,12 @@ def test_decoding_defaults_are_the_evaluate_stages():
 
 
 def test_pixel_bounds_have_one_home():
-    assert ValidateParams.max_pixels == RegisterParams.max_pixels == DEFAULT_MAX_PIXELS
+    assert ValidateParams.max_pixels == DEFAULT_MAX_PIXELS
+    # Served images meet the shape rules trained images met; the server's pixel bound may be tighter.
+    assert RegisterParams.max_pixels <= ValidateParams.max_pixels
+    assert RegisterParams.min_side == ValidateParams.min_side
+    assert RegisterParams.max_aspect == ValidateParams.max_aspect
+    assert RegisterParams.decode_budget_pixels >= RegisterParams.max_pixels
 
 
 def test_gates_section_of_the_project_params_loads():

@@ -142,7 +142,7 @@ def test_chief_is_task_chief_or_worker_zero():
 def test_replica_shares_sum_to_the_single_device_loss():
     import tensorflow as tf
 
-    from captioning.model.captioner import masked_loss
+    from captioning.model.loss import masked_loss
 
     rng = np.random.default_rng(0)
     targets = rng.integers(1, 9, (6, 7)).astype(np.int32)
@@ -391,7 +391,8 @@ def test_train_stage_on_two_workers_writes_outputs_and_mlflow_records_on_the_chi
         sys.executable, "-m", "stages.train", "--features", data / "features", "--tokens", data / "tokens",
         "--table", tmp_path / "captions.parquet", "--raw", raw,
         "--model", "models/captioner.keras", "--checkpoints", "models/checkpoints",
-        "--history", "reports/train_history.csv", "--run", "models/mlflow_run.json",
+        "--history", "reports/train_history.csv", "--live", "dvclive",
+        "--run", "models/mlflow_run.json",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     workers = [
@@ -420,7 +421,8 @@ def test_train_stage_on_two_workers_writes_outputs_and_mlflow_records_on_the_chi
         for worker in workers:
             worker.stop(grace_s=1)
     chief = folders[0]
-    for output in ("models/captioner.keras", "models/mlflow_run.json", "reports/train_history.csv"):
+    outputs = ("models/captioner.keras", "models/mlflow_run.json", "reports/train_history.csv")
+    for output in (*outputs, "dvclive/metrics.json", "dvclive/plots/metrics/eval/loss.tsv"):
         assert (chief / output).exists(), output
     import mlflow
 

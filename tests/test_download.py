@@ -25,7 +25,8 @@ from captioning.data.archives import (
     extract_archive,
     fetch_archive,
 )
-from captioning.data.download import DownloadError, RetryPolicy, download
+from captioning.data.download import download
+from captioning.data.download_failures import DownloadError, RetryPolicy
 from captioning.data.fetch import fetch_source
 from mirror import (
     Mirror,

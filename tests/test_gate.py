@@ -21,7 +21,7 @@ import yaml
 from captioning.cli import main
 from captioning.config import GatesParams, load_section
 from captioning.evaluation import gate
-from captioning.evaluation.metrics import NLTK_KEYS
+from captioning.evaluation.nltk_bleu import NLTK_KEYS
 from pipeline_fixtures import GIT_USER, VENV_BIN, describe, pipeline_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -24,21 +24,17 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captioning.data.text import clean_caption
+from captioning.evaluation.coco_files import load_references, load_results
+from captioning.evaluation.coco_java import MeteorProcess, ptb_tokenize, spice_unavailable_reason
 from captioning.evaluation.metrics import (
     CORPUS_KEYS,
     NLTK_BLEU,
-    NLTK_KEYS,
-    _MeteorProcess,
-    _nltk_corpus_bleu,
-    _ptb_tokenize,
     format_table,
     human_agreement,
-    load_references,
-    load_results,
     score,
     score_files,
-    spice_unavailable_reason,
 )
+from captioning.evaluation.nltk_bleu import NLTK_KEYS, _nltk_corpus_bleu
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "coco_val2014_sample"
 needs_sample = pytest.mark.skipif(
@@ -199,9 +195,9 @@ def test_nltk_bleu_on_coco_is_a_textbook_bleu_a_hair_from_coco_caption():
     assert set(result.per_image[ids[0]]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
 
     # On coco-caption's own PTB tokens the two BLEUs agree (up to its 1e-9 guards).
-    ptb = iter(_ptb_tokenize([r for i in ids for r in references[i]]))
+    ptb = iter(ptb_tokenize([r for i in ids for r in references[i]]))
     ptb_refs = [[next(ptb).split() for _ in references[i]] for i in ids]
-    ptb_hyps = [c.split() for c in _ptb_tokenize([candidates[i] for i in ids])]
+    ptb_hyps = [c.split() for c in ptb_tokenize([candidates[i] for i in ids])]
     on_ptb = _nltk_corpus_bleu(ptb_refs, ptb_hyps)
     for n, key in enumerate(NLTK_KEYS, start=1):
         assert on_ptb[key] == pytest.approx(result.corpus[f"BLEU-{n}"], abs=1e-9), key
@@ -241,7 +237,7 @@ def test_tokenizer_lower_cases_strips_punctuation_and_keeps_lines_aligned():
     captions = ['A man\rrides a "big" wave.', "", "Two dogs, (maybe) three!", "Café\u2028time"]
     # "-lrb-"/"-rrb-" survive: coco-caption's punctuation list has "-LRB-", but
     # the tokenizer has already lower-cased it. Kept, as the official scores do.
-    assert _ptb_tokenize(captions) == [
+    assert ptb_tokenize(captions) == [
         "a man rides a big wave",
         "",
         "two dogs -lrb- maybe -rrb- three",
@@ -296,7 +292,7 @@ def test_spice_is_reported_as_skipped_not_zero():
 
 def test_meteor_process_ends_even_when_scoring_fails():
     before = _java_children()
-    with pytest.raises(KeyError), _MeteorProcess() as meteor:
+    with pytest.raises(KeyError), MeteorProcess() as meteor:
         meteor.compute_score({1: ["a dog"]}, {})  # no candidate for image 1
     assert _java_children() == before
 

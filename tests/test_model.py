@@ -6,15 +6,10 @@ import pytest
 import tensorflow as tf
 
 from captioning.data.text import PAD_ID, Vocabulary
-from captioning.model.captioner import (
-    AttentionGRUDecoder,
-    BahdanauAttention,
-    CNNEncoder,
-    ModelConfig,
-    build_captioner,
-    load_captioner,
-    masked_loss,
-)
+from captioning.model.captioner import ModelConfig, build_captioner, load_captioner
+from captioning.model.encoder import CNNEncoder
+from captioning.model.gru_decoder import AttentionGRUDecoder, BahdanauAttention
+from captioning.model.loss import masked_loss
 
 
 def batch(n=4, t=7, seed=0, vocab_size=14):

@@ -178,7 +178,18 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(demo):
         assert run.data.metrics.get(f"test.{name}") == pytest.approx(metrics[name], abs=1e-9), name
 
     head = project.head()
-    assert run.data.tags.get("git_commit", "").startswith(head), (run.data.tags, head)
+    assert run.data.tags.get("git_commit") == head, (
+        run.data.tags,
+        head,
+    )  # what DVC wrote is no edit
+    assert run.info.run_name == head[:7], run.info.run_name
+    # CPU, memory and disk figures while it trained (sampled every 2 s here: pipeline_env).
+    assert "system/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    contexts = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset.name
+        for i in run.inputs.dataset_inputs
+    }
+    assert contexts == {"train": "captions-train", "val": "captions-val", "test": "captions-test"}
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())
     locked = {
         out["path"]: out["md5"]
@@ -201,6 +212,15 @@ def test_convergence_shows_in_the_history_mlflow_the_log_and_the_report(demo):
     project = demo.project
     history = pd.read_csv(project.root / "reports" / "train_history.csv")
     assert list(history.pairs_seen) == [16, 32]
+    # DVCLive's copy: one row per epoch, stepped by pairs seen, the same figures.
+    live = project.root / "dvclive"
+    cider_tsv = pd.read_csv(live / "plots" / "metrics" / "eval" / "CIDEr.tsv", sep="\t")
+    assert cider_tsv.step.tolist() == [16, 32]
+    assert cider_tsv.CIDEr.tolist() == pytest.approx(history.val_CIDEr.tolist())
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == 32 and summary["train"]["loss"] == pytest.approx(
+        history.loss.iloc[-1]
+    )
     train = project.params()["train"]
     window, delta = train["smoothing_epochs"], train["min_delta"]
     cider = history.val_CIDEr.tolist()
@@ -408,6 +428,18 @@ def _experiments(shown: list[dict]) -> dict[str, dict]:
     return found
 
 
+def _experiment_metrics(shown: list[dict]) -> dict[str, dict]:
+    """{experiment name: {metrics file: its values}} from `dvc exp show --json` (DVC 3 layout)."""
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                metrics = (rev.get("data") or {}).get("metrics") or {}
+                name = rev.get("name") or experiment.get("name") or rev["rev"]
+                found[name] = {path: entry.get("data", {}) for path, entry in metrics.items()}
+    return found
+
+
 def test_experiment_with_overrides(demo):
     project = demo.project
     project.commit_all("baseline: tiny demo reproduced")  # dvc.lock and DVC's .gitignore entries
@@ -423,12 +455,16 @@ def test_experiment_with_overrides(demo):
     assert len(experiments) == 1, experiments
     ((name, params),) = experiments.items()
     assert params["train.learning_rate"] == 0.002 and params["train.budget_pairs"] == 16, params
+    # DVCLive's latest epoch is a column of the experiments table.
+    live = _experiment_metrics(shown)[name]["dvclive/metrics.json"]
+    assert live["step"] == 16 and live["train"]["loss"] > 0, live
 
     runs = _runs(project)
     assert len(runs) == 2, [r.info.run_id for r in runs]
     latest = runs[-1]
     assert latest.data.params["train.learning_rate"] == "0.002"
     assert latest.data.tags.get("dvc_experiment") == name, latest.data.tags
+    assert latest.info.run_name == f"{name} train.budget_pairs=16 train.learning_rate=0.002"
     history = _client(project).get_metric_history(latest.info.run_id, "loss")
     assert [m.step for m in history] == [16]  # one epoch of 16 pairs
 

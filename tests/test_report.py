@@ -20,16 +20,14 @@ from PIL import Image, ImageDraw
 
 from captioning.config import EvaluateParams, ReportParams
 from captioning.data.text import END_ID, SPECIAL_TOKENS, Vocabulary
-from captioning.evaluation.evaluate import decode_images
-from captioning.evaluation.report import (
-    OVERLAY_SIDE,
+from captioning.evaluation.attention_overlay import (
     PANEL_GAP_PX,
     TITLE_PX,
     attention_figure,
-    build_report,
-    select_images,
     upsample_attention,
 )
+from captioning.evaluation.evaluate import decode_images
+from captioning.evaluation.report import OVERLAY_SIDE, build_report, select_images
 from captioning.features import SHARD_SUFFIX, FeatureStore, write_shard
 from captioning.model.captioner import build_captioner
 

@@ -356,10 +356,10 @@ def test_queued_experiments_run_in_parallel_each_logged_once(pushed, team):
         runs = _runs(client)
     by_name = {}
     for run in runs:
-        by_name.setdefault(run.info.run_name, []).append(run)
-    for name in names:
+        by_name.setdefault(run.data.tags.get("dvc_experiment"), []).append(run)
+    for offset, name in enumerate(names, start=10):
         assert len(by_name.get(name, [])) == 1, f"{name}: {len(by_name.get(name, []))} runs"
         (run,) = by_name[name]
         assert run.info.status == "FINISHED"
-        assert run.data.tags["dvc_experiment"] == name
+        assert run.info.run_name == f"{name} train.seed={offset}"
         assert "test.CIDEr" in run.data.metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from captioning.config import TrainParams
 from captioning.data.text import Vocabulary
 from captioning.features import FeatureStore, build_extractor, extract_features
-from captioning.model.captioner import masked_loss
+from captioning.model.loss import masked_loss
 from captioning.training.batches import (
     BatchPlan,
     CaptionSet,
@@ -28,8 +29,8 @@ from captioning.training.batches import (
     steps_per_epoch,
 )
 from captioning.training.budget import StoppingRule, TrainingBudget, still_improving_warning
-from captioning.training.callbacks import HeldOutLoss, val_sample
-from captioning.training.checkpoints import EpochCheckpoint, read_history
+from captioning.training.callbacks import HeldOutLoss, LiveMetrics, val_sample
+from captioning.training.checkpoints import EpochCheckpoint, read_history, write_history
 from captioning.training.engine import make_optimizer
 from captioning.training.fit import fit_captioner
 
@@ -182,9 +183,7 @@ def _checkpoint_over(tmp_path, values, **rule) -> EpochCheckpoint:
     budget = TrainingBudget(
         pairs_per_step=10, steps_per_epoch=10, epochs=len(values), steps_per_pass=5
     )
-    checkpoint = EpochCheckpoint(
-        tmp_path, tmp_path / "h.csv", "x", StoppingRule("val_CIDEr", **rule), budget
-    )
+    checkpoint = EpochCheckpoint(tmp_path, "x", StoppingRule("val_CIDEr", **rule), budget)
     checkpoint.set_model(_WeightlessModel())
     for epoch, value in enumerate(values):
         checkpoint.on_epoch_end(epoch, {"val_CIDEr": value, "loss": 1.0})
@@ -203,7 +202,7 @@ def test_early_stopping_counts_pairs_without_improvement_of_the_smoothed_metric(
     assert state["best_epoch"] == 2 and state["best"] == 0.9  # best single value is kept
     # Means: .5 .7 .75 .725 .775 .75 .75 .725: best at epoch 5, three epochs (300 pairs) later stop.
     assert state["stopped"] and state["epoch"] == 8
-    history = pd.read_csv(tmp_path / "h.csv")
+    history = pd.DataFrame(state["history"])
     assert list(history.pairs_seen) == [100 * e for e in range(1, 9)]
     assert history.val_CIDEr_smoothed.iloc[4] == pytest.approx(0.775)
     summary = checkpoint.summary(0)
@@ -232,6 +231,7 @@ def test_still_improving_warning_appears_only_when_the_last_epoch_improved(
 ):
     checkpoint = _checkpoint_over(tmp_path, values, smoothing_epochs=1, min_delta=0.01)
     assert checkpoint.summary(0)["still_improving"] is improving
+    write_history(tmp_path / "h.csv", checkpoint.state["history"])  # the CSV the stage reads back
     warning = still_improving_warning(checkpoint.rule, read_history(tmp_path / "h.csv"))
     assert (warning is not None) is improving
     if improving:
@@ -434,13 +434,21 @@ def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path)
         PARAMS, budget_pairs=480, deterministic=True, min_delta=100.0, early_stopping_pairs=144,
         early_stopping_from=0.5,
     )  # fmt: skip
-    model, whole = _fit(data, tmp_path / "whole", params)
+    live = {name: tmp_path / name / "dvclive" for name in ("whole", "cut")}
+    model, whole = _fit(data, tmp_path / "whole", params, callbacks=[LiveMetrics(live["whole"])])
     assert whole["stopped_early"] and whole["epochs_run"] == 5 and not whole["still_improving"]
     assert whole["pairs_seen"] == 240 < params.budget_pairs
 
     with pytest.raises(_Interrupt):
-        _fit(data, tmp_path / "cut", params, callbacks=[_InterruptAfter(2)])
-    resumed_model, resumed = _fit(data, tmp_path / "cut", params)
+        _fit(
+            data, tmp_path / "cut", params, callbacks=[LiveMetrics(live["cut"]), _InterruptAfter(2)]
+        )
+    # What DVCLive shows of the killed run: its two epochs, stepped by caption pairs.
+    steps = pd.read_csv(live["cut"] / "plots" / "metrics" / "train" / "loss.tsv", sep="\t").step
+    assert steps.tolist() == [48, 96]
+    resumed_model, resumed = _fit(
+        data, tmp_path / "cut", params, callbacks=[LiveMetrics(live["cut"])]
+    )
     assert resumed["resumed_from_epoch"] == 2
     for key in ("epochs_run", "best_epoch", "best_val_CIDEr", "stopped_early", "pairs_seen"):
         assert resumed[key] == whole[key], key
@@ -450,4 +458,16 @@ def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path)
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "whole" / "history.csv")[columns],
         pd.read_csv(tmp_path / "cut" / "history.csv")[columns],
+    )
+    # DVCLive's files too: a fresh folder rebuilt from the checkpoint, then the rest.
+    files = {
+        name: sorted(p.relative_to(d) for d in [live[name]] for p in d.rglob("*") if p.is_file())
+        for name in live
+    }
+    assert files["whole"] == files["cut"] and Path("metrics.json") in files["whole"]
+    for path in files["whole"]:
+        assert (live["whole"] / path).read_text() == (live["cut"] / path).read_text(), path
+    summary = json.loads((live["whole"] / "metrics.json").read_text())
+    assert summary["step"] == 240 and summary["eval"]["CIDEr"] == pytest.approx(
+        pd.read_csv(tmp_path / "whole" / "history.csv").val_CIDEr.iloc[-1]
     )

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from captioning.config import SplitParams, ValidateParams
+from captioning.data.captions_suite import run_suite
 from captioning.data.coco_layout import (
     TABLE_COLUMNS,
     assign_splits,
@@ -32,7 +33,6 @@ from captioning.data.validation import (
     ValidationError,
     check_images,
     drop_bad_captions,
-    run_suite,
     validate_dataset,
 )
 
@@ -232,9 +232,27 @@ def test_suite_passes_on_clean_table_and_builds_docs(clean_table, tmp_path):
     assert result.hard_failures == [] and result.soft_failures == []
     assert set(result.results) == {"caption_rows", "images"}
     assert all(r["success"] for r in result.results.values())
-    assert (tmp_path / "docs" / "index.html").is_file()
-    pages = sorted(p.name for p in (tmp_path / "docs" / "validations").rglob("*.html"))
-    assert pages == ["caption_table-caption_rows.html", "caption_table-images.html"]
+    # Each Checkpoint's UpdateDataDocsAction rendered its validation result into the site.
+    index = (tmp_path / "docs" / "index.html").read_text(encoding="utf-8")
+    pages = sorted((tmp_path / "docs" / "validations").rglob("*.html"))
+    assert [p.name for p in pages] == [
+        "caption_table-caption_rows.html",
+        "caption_table-images.html",
+    ]
+    for page in pages:
+        assert page.relative_to(tmp_path / "docs").as_posix() in index
+    for page in pages:  # GX marks a failed expectation with a cross icon
+        assert "fa-times" not in page.read_text(encoding="utf-8")
+    suites = sorted(p.name for p in (tmp_path / "docs" / "expectations").glob("*.html"))
+    assert suites == ["caption_rows.html", "images.html"]
+
+
+def test_failed_checkpoint_shows_in_data_docs(clean_table, tmp_path):
+    broken = pd.concat([clean_table, clean_table.iloc[[0]].assign(caption="   ")])
+    result = run_suite(broken, ValidateParams(), data_docs_dir=tmp_path / "docs")
+    assert not result.success
+    [page] = (tmp_path / "docs" / "validations" / "caption_rows").rglob("*.html")
+    assert "fa-times" in page.read_text(encoding="utf-8")
 
 
 def test_suite_hard_failures_list_offending_rows(clean_table):
@@ -325,17 +343,17 @@ def test_validate_dataset_is_byte_for_byte_deterministic(zoo, tmp_path):
     validate_dataset(zoo, SplitParams(), LENIENT, **second)
     for key in ("out_table", "out_quarantine"):
         assert first[key].read_bytes() == second[key].read_bytes(), key
-    files_a = sorted(
-        p.relative_to(first["out_report_dir"]) for p in first["out_report_dir"].rglob("*")
+    result = "result.json"
+    assert (first["out_report_dir"] / result).read_bytes() == (
+        second["out_report_dir"] / result
+    ).read_bytes()
+    # The data docs are a DVC output of their own: the same pages, though GX
+    # renders the wall clock and random ids into them.
+    pages_a, pages_b = (
+        sorted(p.relative_to(o["out_report_dir"]) for p in o["out_report_dir"].rglob("*"))
+        for o in (first, second)
     )
-    files_b = sorted(
-        p.relative_to(second["out_report_dir"]) for p in second["out_report_dir"].rglob("*")
-    )
-    assert files_a == files_b
-    for rel in files_a:
-        a, b = first["out_report_dir"] / rel, second["out_report_dir"] / rel
-        if a.is_file():
-            assert a.read_bytes() == b.read_bytes(), rel
+    assert pages_a == pages_b
 
 
 def test_too_many_quarantined_is_a_hard_failure(zoo, tmp_path):

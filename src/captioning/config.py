@@ -27,9 +27,14 @@ import yaml
 
 from captioning.param_bounds import bound_problems
 
-# Pillow's own bound (Image.MAX_IMAGE_PIXELS); `validate.max_pixels`,
-# `register.max_pixels` and the image reader default to it, and a test keeps them equal.
+# Pillow's own bound (Image.MAX_IMAGE_PIXELS); `validate.max_pixels` and the image
+# reader default to it, and a test keeps them equal.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Under this shorter side or over this side ratio an image says nothing at the
+# extractor's 299x299 (a 1x1 dot, a 10000x10 strip): validate quarantines it and
+# the server refuses it. 16 px keeps thumbnails; 10:1 keeps phone panoramas.
+DEFAULT_MIN_SIDE = 16
+DEFAULT_MAX_ASPECT = 10.0
 
 
 class ConfigError(ValueError):
@@ -79,6 +84,8 @@ class SplitParams:
 class ValidateParams:
     # Decode bound against decompression bombs, checked from the image header.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE  # shorter side in pixels; smaller images are quarantined
+    max_aspect: float = DEFAULT_MAX_ASPECT  # longer/shorter side; stranger strips are quarantined
     max_quarantine_fraction: float = 0.05  # more undecodable images than this fails the stage
     min_caption_words: int = 1
     max_caption_words: int = 60
@@ -210,7 +217,22 @@ class RegisterParams:
     # The alias `champion` moves only on a better test CIDEr on the same test set.
     model_name: str = "image-captioner"
     max_batch: int = 16  # most images per /invocations request
-    max_pixels: int = DEFAULT_MAX_PIXELS  # per-image bound read from the header
+    # Per-image bound read from the header. The model sees 299x299, so this only
+    # has to admit real photos (a 48 MP phone sensor); each decoded pixel costs
+    # about 18 bytes on its way to 299x299 (uint8 RGB, then float32 in the resize).
+    max_pixels: int = 50_000_000
+    min_side: int = DEFAULT_MIN_SIDE  # shorter side in pixels; smaller images get a 400
+    max_aspect: float = DEFAULT_MAX_ASPECT  # longer/shorter side; stranger strips get a 400
+    # Request body bound, refused with 413 before it is read: 16 photos of 3 MB
+    # (a 12 MP phone JPEG), base64-encoded (4/3), in one request.
+    max_request_bytes: int = 67_108_864
+    # /invocations requests parsed and predicted at once per server worker; the
+    # rest wait unread (their bodies stay in the client's socket), so memory
+    # stays bounded by this many bodies (and their parsed copies).
+    max_concurrent_requests: int = 2
+    # Pixels decoded at once across all requests of a worker (about 18 bytes each):
+    # one image at max_pixels, or many small ones together.
+    decode_budget_pixels: int = 50_000_000
 
 
 @dataclasses.dataclass(frozen=True)

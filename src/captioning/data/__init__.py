@@ -3,7 +3,8 @@
 `sources` is the download stage's entry: `demo` generates a small synthetic
 data set offline from `demo_scenes` (the pictures) and `demo_captions` (the
 grammar that words them and grades captions of them); `coco` and `flickr`
-download real data sets through `download`; `coco_layout` reads any folder in
+download real data sets through `download` (one attempt in `transfer`, the
+errors and retry policy in `download_failures`); `coco_layout` reads any folder in
 that layout into the caption table that every later stage uses. `images` is
 the one image reader (serving, validation, features, reports), `text` the one
 caption cleaner and vocabulary, `validation` (with `captions_suite`) the

@@ -24,7 +24,9 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from captioning.atomic_files import atomic_path, write_if_changed
-from captioning.data.download import CHUNK_BYTES, DownloadError, RetryPolicy, download
+from captioning.data.download import download
+from captioning.data.download_failures import DownloadError, RetryPolicy
+from captioning.data.transfer import CHUNK_BYTES
 
 
 class UnsafeArchiveError(DownloadError):

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 from captioning.atomic_files import write_if_changed
 from captioning.data.archives import CorruptArchiveError, fetch_archive
 from captioning.data.coco_layout import prune_image_folder
-from captioning.data.download import DownloadError, RetryPolicy, download, download_many
+from captioning.data.download import download, download_many
+from captioning.data.download_failures import DownloadError, RetryPolicy
 
 OFFICIAL_BASE_URL = "http://images.cocodataset.org"
 SPLITS = ("train2014", "val2014")

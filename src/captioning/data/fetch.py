@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from captioning.data.coco import fetch_coco2014
-from captioning.data.download import RetryPolicy
+from captioning.data.download_failures import RetryPolicy
 from captioning.data.flickr import fetch_flickr, fetch_karpathy, write_coco_karpathy_splits
 
 REMOTE_SOURCES = ("coco2014", "flickr8k", "flickr30k")

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from captioning.atomic_files import write_if_changed
 from captioning.data.archives import CorruptArchiveError
 from captioning.data.coco_layout import prune_image_folder
-from captioning.data.download import DownloadError, RetryPolicy, download
+from captioning.data.download import download
+from captioning.data.download_failures import DownloadError, RetryPolicy
 from captioning.data.images import ImageReadError, image_size
 
 FLICKR8K_IMAGES_URL = (

@@ -5,23 +5,23 @@ counts null or whitespace-only captions, decodes every image once with the
 project's one image reader (`check_images` through `captioning.data.images`:
 undecodable, truncated, empty and oversized files go to the quarantine list
 with a reason), runs the Great Expectations suites of
-`captioning.data.captions_suite` (`run_suite`), and writes the caption table, the
+`captioning.data.captions_suite` (`run_suite`: GX Checkpoints whose
+UpdateDataDocsAction builds the data docs), and writes the caption table, the
 validation report with GX data docs, and the quarantine list. Hard failures
 (nothing left, too much quarantined, a critical expectation failing) raise
 `ValidationError` after the reports are written, so the reason is on disk; the
-table is then not written. Every output is byte-for-byte the same for the same
-inputs: GX run times and ids are pinned or removed.
+table is then not written. The table, the quarantine list and `result.json` are
+byte-for-byte the same for the same inputs (GX's run time is pinned, its random
+ids removed); the data docs pages are not, because GX renders the wall clock
+and fresh uuid4s into them, so dvc.yaml declares them as an output of their own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import itertools
+import functools
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,18 +32,12 @@ from PIL import Image, ImageFile
 
 from captioning.atomic_files import atomic_directory, atomic_path, atomic_write
 from captioning.config import SplitParams, ValidateParams
-from captioning.data.captions_suite import HARD, build_suites, expectation_specs, suite_frames
+from captioning.data.captions_suite import expectation_specs, run_suite
 from captioning.data.coco_layout import TABLE_COLUMNS, caption_table
 from captioning.data.images import ImageReadError, decode_image
 
 logger = logging.getLogger(__name__)
 
-# GX stamps every run with the wall clock; a fixed run id keeps identical data
-# producing identical report bytes (DVC would otherwise see a change each run).
-RUN_NAME = "validate"
-RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-_GX_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _EXAMPLE_ROWS = 5
 
 
@@ -54,7 +48,9 @@ class ValidationError(RuntimeError):
 # ---------------------------------------------------------------- images
 
 
-def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, str]:
+def _inspect_image(
+    path: str, max_pixels: int, min_side: int = 1, max_aspect: float | None = None
+) -> tuple[str | None, int, int, str]:
     """Decode one image file fully: `(reason or None, width, height, detail)`.
 
     Reads through `captioning.data.images.decode_image`, the reader features and
@@ -64,7 +60,7 @@ def _inspect_image(path: str, max_pixels: int) -> tuple[str | None, int, int, st
     `ImageReadError`, one of `captioning.data.images.REASONS`.
     """
     try:
-        pixels = decode_image(path, max_pixels)  # (H, W, 3) uint8
+        pixels = decode_image(path, max_pixels, None, min_side, max_aspect)  # (H, W, 3) uint8
     except ImageReadError as err:
         return err.reason, 0, 0, err.detail
     except OSError as err:  # present but unreadable (permissions, a folder): do not train on it
@@ -81,7 +77,11 @@ def _available_cores() -> int:
 
 
 def check_images(
-    table: pd.DataFrame, max_pixels: int, workers: int | None = None
+    table: pd.DataFrame,
+    max_pixels: int,
+    workers: int | None = None,
+    min_side: int = 1,
+    max_aspect: float | None = None,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Decode each distinct image of `table` once; split it into kept rows and a quarantine.
 
@@ -89,7 +89,8 @@ def check_images(
     that decoded, with `width`/`height` (int64) of the decoded, upright image;
     quarantine is `[{image_id, path, reason, detail}]` sorted by image_id, with
     reason one of empty_file, undecodable, truncated, too_large, decode_error,
-    missing_file. The work runs on `workers` threads (default: usable cores).
+    missing_file, too_small (shorter side under `min_side`) and bad_aspect
+    (sides further apart than `max_aspect`; both off unless given). The work runs on `workers` threads (default: usable cores).
     """
     images = table.drop_duplicates("image_id")[["image_id", "path"]].reset_index(drop=True)
     paths = images["path"].tolist()
@@ -107,7 +108,10 @@ def check_images(
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
         with ThreadPoolExecutor(workers) as pool:
             # map keeps input order, so results do not depend on which thread finished first.
-            results = list(pool.map(_inspect_image, paths, itertools.repeat(max_pixels)))
+            inspect = functools.partial(
+                _inspect_image, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect
+            )
+            results = list(pool.map(inspect, paths))
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
@@ -170,155 +174,6 @@ def check_quarantine(
             f"validate.max_quarantine_fraction={params.max_quarantine_fraction:.1%}; "
             f"first ones:\n{rows}"
         )
-
-
-# ---------------------------------------------------------------- Great Expectations
-
-
-@dataclasses.dataclass
-class SuiteResult:
-    """Outcome of `run_suite`: GX results per frame plus the failures sorted by severity."""
-
-    success: bool
-    hard_failures: list[dict[str, Any]]
-    soft_failures: list[dict[str, Any]]
-    results: dict[str, dict[str, Any]]
-    seconds: float
-
-    def message(self) -> str:
-        """Human-readable account of the hard failures (empty when there are none)."""
-        lines = []
-        for failure in self.hard_failures:
-            lines.append(
-                f"{failure['frame']}: {failure['expectation']}({failure['kwargs']}) failed"
-                f" for {failure['unexpected_count']} rows: {failure['why']}"
-            )
-            lines.extend(f"    {row}" for row in failure["examples"])
-        return "\n".join(lines)
-
-
-def _normalise(result: dict[str, Any]) -> dict[str, Any]:
-    """Drop the per-run parts of a GX result (load time, random ids) so reruns match."""
-    meta = result.get("meta", {})
-    meta.get("batch_markers", {}).pop("ge_load_time", None)
-    meta.pop("validation_id", None)
-    result.pop("id", None)
-    for item in result.get("results", []):
-        item.get("expectation_config", {}).pop("id", None)
-    return result
-
-
-def _failure(frame_name: str, frame: pd.DataFrame, item: dict[str, Any]) -> dict[str, Any]:
-    config = item["expectation_config"]
-    kwargs = {k: v for k, v in config["kwargs"].items() if k != "batch_id"}
-    result = item.get("result", {})
-    shown = (
-        ["image_id", "file_name", "split", "caption"]
-        if frame_name == "caption_rows"
-        else list(frame.columns)
-    )
-    examples = []
-    for index in result.get("partial_unexpected_index_list", [])[:_EXAMPLE_ROWS]:
-        if isinstance(index, int) and 0 <= index < len(frame):
-            row = frame.iloc[index][[c for c in shown if c in frame.columns]]
-            examples.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-    if not examples and "observed_value" in result:
-        examples.append({"observed_value": result["observed_value"]})
-    if item.get("exception_info", {}).get("raised_exception"):
-        examples.append({"exception": item["exception_info"]["exception_message"]})
-    return {
-        "frame": frame_name,
-        "expectation": config["type"],
-        "kwargs": kwargs,
-        "severity": config.get("severity", HARD),
-        "why": config.get("meta", {}).get("why", ""),
-        "unexpected_count": result.get("unexpected_count"),
-        "examples": examples,
-    }
-
-
-def _docs_site(directory: Path) -> dict[str, Any]:
-    return {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {
-            "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": str(directory),
-        },
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    }
-
-
-def _pin_docs(directory: Path) -> None:
-    # GX writes render times and random ids into the HTML; pin them like the JSON.
-    stamp = RUN_TIME.strftime("%Y%m%dT%H%M%S.%fZ")
-    for page in sorted(directory.rglob("*.html")):
-        text = page.read_text(encoding="utf-8")
-        pinned = _UUID.sub("00000000-0000-0000-0000-000000000000", _GX_STAMP.sub(stamp, text))
-        if pinned != text:
-            page.write_text(pinned, encoding="utf-8")
-
-
-def run_suite(
-    table: pd.DataFrame, params: ValidateParams, data_docs_dir: str | Path | None = None
-) -> SuiteResult:
-    """Run the caption suites on `table` in an offline ephemeral GX context.
-
-    Failing `critical` expectations land in `hard_failures`, failing `warning`
-    ones in `soft_failures`; `success` is true when there are no hard failures.
-    With `data_docs_dir`, GX data docs (static HTML) are built there.
-    """
-    start = time.perf_counter()
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    sites = {"validation": _docs_site(Path(data_docs_dir).resolve())} if data_docs_dir else {}
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        data_docs_sites=sites,
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False),
-    )
-    context = gx.get_context(project_config=config, mode="ephemeral")
-    source = context.data_sources.add_pandas("caption_table")
-    frames = suite_frames(table)
-    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
-    results: dict[str, dict[str, Any]] = {}
-    hard: list[dict[str, Any]] = []
-    soft: list[dict[str, Any]] = []
-    for name, expectations in build_suites(params).items():
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
-        suite = context.suites.add(gx.ExpectationSuite(name=name))
-        for expectation in expectations:
-            suite.add_expectation(expectation)
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite)
-        )
-        outcome = definition.run(
-            batch_parameters={"dataframe": frames[name]},
-            run_id=run_id,
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
-        )
-        results[name] = _normalise(outcome.to_json_dict())
-        for item in results[name]["results"]:
-            if not item["success"]:
-                failure = _failure(name, frames[name], item)
-                (hard if failure["severity"] == HARD else soft).append(failure)
-    if data_docs_dir:
-        context.build_data_docs(site_names=["validation"])
-        _pin_docs(Path(data_docs_dir))
-    return SuiteResult(
-        success=not hard,
-        hard_failures=hard,
-        soft_failures=soft,
-        results=results,
-        seconds=time.perf_counter() - start,
-    )
 
 
 # ---------------------------------------------------------------- the stage
@@ -433,7 +288,9 @@ def validate_dataset(
     seconds["layout"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    clean, quarantine = check_images(table, params.max_pixels)
+    clean, quarantine = check_images(
+        table, params.max_pixels, min_side=params.min_side, max_aspect=params.max_aspect
+    )
     seconds["images"] = time.perf_counter() - start
     counts = _counts(layout_stats, caption_counts, table, clean, quarantine)
 

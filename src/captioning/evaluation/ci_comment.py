@@ -1,9 +1,9 @@
 """The pull-request comment CI posts: the gate's table, training curves and attention overlays.
 
 `python -m captioning.evaluation.ci_comment` (wrapped by `make ci-comment`) writes
-`build/ci/comment.md` beside the images it shows: `training_curves.png`, drawn
-from `dvc plots diff` (dvc.yaml's "Training curves", this run against the base)
-and a few attention overlays copied from `reports/attention/overlays/`. Then
+`build/ci/comment.md` beside the images it shows: one PNG per plot of
+dvc.yaml, DVC's own Vega-Lite templates filled by `dvc plots diff --json` (this
+run against the base) and rendered by vl-convert, and a few attention overlays copied from `reports/attention/overlays/`. Then
 it delivers the comment, best first:
 
 1. on a pull request with a token (`PR_NUMBER` and `GH_TOKEN`): CML when `cml`
@@ -43,90 +43,23 @@ def _dvc() -> str:
 # --- training curves ----------------------------------------------------------------------------
 
 
-def plot_rows(payload: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """{plot title: data rows} from `dvc plots diff/show --json --split` output.
-
-    Each row has the plot's x field, `rev`, `field` (the y column) and
-    `dvc_inferred_y_value`.
-    """
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for title, renders in (payload.get("data") or {}).items():
-        for render in renders:
-            data = (render.get("anchor_definitions") or {}).get("<DVC_METRIC_DATA>") or []
-            rows.setdefault(title, []).extend(data)
-    return rows
-
-
-def plot_x_field(payload: Mapping[str, Any], title: str) -> str:
-    """The x field of plot `title` in dvc's vega-lite spec (dvc.yaml's `x:`)."""
-    for render in payload["data"][title]:
-        encoding = (render.get("content") or {}).get("encoding") or {}
-        if "field" in encoding.get("x", {}):
-            return encoding["x"]["field"]
-    return "step"
-
-
 def dvc_plots(base_ref: str | None) -> dict[str, Any]:
-    """`dvc plots diff BASE_REF --json --split`, or `dvc plots show` (this run only) without a ref."""
+    """`dvc plots diff BASE_REF --json` (Vega-Lite specs with their data), or `dvc plots show`."""
     command = ["plots", "diff", base_ref] if base_ref else ["plots", "show"]
-    done = subprocess.run([_dvc(), *command, "--json", "--split"], capture_output=True, text=True)
+    done = subprocess.run([_dvc(), *command, "--json"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(command)}` failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 
-def rows_from_csv(path: Path, x: str, fields: Sequence[str], rev: str) -> list[dict[str, Any]]:
-    """Rows in dvc's plot format from a recorded history CSV (the CI base run)."""
-    import pandas as pd
-
-    table = pd.read_csv(path)
-    return [
-        {x: row[x], "rev": rev, "field": field, "dvc_inferred_y_value": row[field]}
-        for field in fields
-        if field in table.columns
-        for _, row in table.iterrows()
-    ]
-
-
-def draw_curves(rows: Sequence[Mapping[str, Any]], x: str, title: str, out: Path) -> Path:
-    """One line per (revision, field): colour by revision, dash by field."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    revisions = list(dict.fromkeys(r["rev"] for r in rows))
-    fields = list(dict.fromkeys(r["field"] for r in rows))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    for ci, rev in enumerate(revisions):
-        for fi, field in enumerate(fields):
-            points = sorted(
-                (float(r[x]), float(r["dvc_inferred_y_value"]))
-                for r in rows
-                if r["rev"] == rev and r["field"] == field
-            )
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(
-                    xs,
-                    ys,
-                    color=f"C{ci}",
-                    linestyle=("-", "--", ":", "-.")[fi % 4],
-                    marker="o",
-                    markersize=3,
-                    label=f"{rev}: {field}",
-                )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(x)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+def vega_specs(payload: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{plot title: the Vega-Lite spec dvc rendered from dvc.yaml's template, data inline}."""
+    return {
+        title: render["content"]
+        for title, renders in (payload.get("data") or {}).items()
+        for render in renders[:1]
+        if render.get("type") == "vega"
+    }
 
 
 def _rev_label(rev: str, base_ref: str | None) -> str:
@@ -137,11 +70,44 @@ def _rev_label(rev: str, base_ref: str | None) -> str:
     return rev
 
 
+def with_base(
+    spec: dict[str, Any], base_ref: str | None, base_history: Path | None
+) -> dict[str, Any]:
+    """The spec with readable revision names, plus the base run CI recorded (what dvc cannot see).
+
+    dvc colours by `rev` with an explicit domain; the recorded base joins it
+    as rev "base", its rows in dvc's own shape (x field, field, value).
+    """
+    spec = json.loads(json.dumps(spec))
+    values = spec["data"]["values"]
+    for row in values:
+        row["rev"] = _rev_label(row["rev"], base_ref)
+    if base_history is not None and base_history.exists():
+        import pandas as pd
+
+        x = spec["encoding"]["x"]["field"]
+        fields = list(dict.fromkeys(r["field"] for r in values))
+        table = pd.read_csv(base_history)
+        values += [
+            {x: str(row[x]), "rev": "base", "field": f, "dvc_inferred_y_value": str(row[f])}
+            for f in fields
+            if f in table.columns
+            for row in table.to_dict("records")
+        ]
+    scale = spec.get("encoding", {}).get("color", {}).get("scale", {})
+    if "domain" in scale:
+        scale["domain"] = list(dict.fromkeys(r["rev"] for r in values))
+        scale.pop("range", None)  # Vega-Lite's own palette covers any number of revisions
+    return spec
+
+
 def training_curves(
     out_dir: Path, base_ref: str | None = None, base_history: Path | None = None
 ) -> tuple[list[Path], list[str]]:
     """PNG files of dvc.yaml's plots (this run vs the base) and notes on what is missing.
 
+    DVC fills its templates (`dvc plots diff --json`); vl-convert renders the
+    Vega-Lite to PNG, the way CML's recipe pipes `--show-vega` into vl2png.
     With `base_ref` the base comes from `dvc plots diff`; with `base_history`
     (a CSV CI recorded for the base commit) from that file.
     """
@@ -149,16 +115,16 @@ def training_curves(
         payload = dvc_plots(base_ref)
     except (RuntimeError, json.JSONDecodeError, OSError) as err:
         return [], [f"Training curves unavailable: {err}"]
+    import vl_convert
+
     notes = [f"{e['name']} at {e['rev']}: {e['msg']}" for e in payload.get("errors") or []]
     images = []
-    for index, (title, rows) in enumerate(plot_rows(payload).items()):
-        x = plot_x_field(payload, title)
-        rows = [{**r, "rev": _rev_label(r["rev"], base_ref)} for r in rows]
-        if base_history is not None and base_history.exists():
-            fields = list(dict.fromkeys(r["field"] for r in rows))
-            rows += rows_from_csv(base_history, x, fields, "base")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, spec in enumerate(vega_specs(payload).values()):
         name = "training_curves.png" if index == 0 else f"plot-{index}.png"
-        images.append(draw_curves(rows, x, title, out_dir / name))
+        png = vl_convert.vegalite_to_png(with_base(spec, base_ref, base_history), scale=1)
+        (out_dir / name).write_bytes(png)
+        images.append(out_dir / name)
     return images, notes
 
 

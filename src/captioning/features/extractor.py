@@ -22,7 +22,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from captioning.data.download import DownloadError, RetryPolicy, download
+from captioning.data.download import download
+from captioning.data.download_failures import DownloadError, RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -110,6 +110,16 @@ class CaptionDecoder:
         captions = [self.vocabulary.decode(row) for row in tokens]
         return DecodeResult(tokens, captions, scores, lengths, attention)
 
+    def greedy_tokens(self, features: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """Graph-safe greedy decoding: features (B, L, F) -> tokens (B, T), scores (B,).
+
+        For callers compiling their own graph (`captioning.serving.savedmodel`).
+        """
+        tokens, scores, _ = self._greedy(
+            features, tf.constant(max_len), False, tf.constant(1.0), tf.constant([0, 0])
+        )
+        return tokens, scores
+
     # -- compiled loops ---------------------------------------------------------
     def _prepare(self, features, copies: int = 1):
         """Everything a loop needs before its first word, computed once per batch.

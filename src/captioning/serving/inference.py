@@ -7,33 +7,67 @@ checked so a different extractor cannot silently produce nonsense), reads
 images with the project's one image reader and preprocessing (any format
 Pillow reads, EXIF orientation applied, pixel count bounded), and decodes in
 batches. An image that cannot be read raises `captioning.data.images.ImageReadError`
-naming it and saying why.
+naming it and saying why. Given a `PixelBudget`, the captioner decodes an
+image only while the pixels being decoded by all threads stay within it, so a
+server's decoding memory is bounded however many requests arrive at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
-from captioning.data.images import DEFAULT_MAX_PIXELS, ImageReadError
+from captioning.data.images import DEFAULT_MAX_PIXELS, ImageReadError, image_size
 from captioning.features import build_extractor, weights_digest
 from captioning.features.preprocessing import preprocess_image
 from captioning.model.captioner import Captioner, load_captioner
 from captioning.model.decode import CaptionDecoder, DecodeResult
 
 
+class PixelBudget:
+    """At most `pixels` pixels decoded at once across threads; a larger image waits to go alone."""
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.in_use = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        """Block until `pixels` (capped at the budget) fit, hold them for the block."""
+        want = min(pixels, self.pixels)
+        with self._free:
+            self._free.wait_for(lambda: self.in_use + want <= self.pixels)
+            self.in_use += want
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= want
+                self._free.notify_all()
+
+
 class ImageCaptioner:
-    """Caption raw images with a trained captioner and its extractor."""
+    """Caption raw images with a trained captioner and its extractor.
+
+    `min_side`/`max_aspect` refuse degenerate shapes (off by default; the served
+    model passes params.yaml's); `decode_budget` bounds pixels decoded at once.
+    """
 
     def __init__(
         self,
         model: Captioner | str | Path,
         extractor=None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = 1,
+        max_aspect: float | None = None,
+        decode_budget: PixelBudget | None = None,
     ):
         self.model = model if isinstance(model, Captioner) else load_captioner(str(model))
         config = self.model.model_config
@@ -51,6 +85,8 @@ class ImageCaptioner:
         self.extractor = extractor
         self.image_size = config.image_size
         self.max_pixels = max_pixels
+        self.min_side, self.max_aspect = min_side, max_aspect
+        self.decode_budget = decode_budget
         self.decoder = CaptionDecoder(self.model)
         self._forward = tf.function(lambda x: self.extractor(x, training=False))
 
@@ -59,7 +95,14 @@ class ImageCaptioner:
         names = names or [f"image {i}" for i in range(len(images))]
         out = np.zeros((len(images), self.image_size, self.image_size, 3), np.float32)
         for i, (data, name) in enumerate(zip(images, names, strict=True)):
-            out[i] = preprocess_image(data, self.image_size, self.max_pixels, name).numpy()
+            _, width, height = image_size(
+                data, name, self.max_pixels, self.min_side, self.max_aspect
+            )
+            if self.decode_budget is None:
+                out[i] = preprocess_image(data, self.image_size, self.max_pixels, name).numpy()
+                continue
+            with self.decode_budget.hold(width * height):
+                out[i] = preprocess_image(data, self.image_size, self.max_pixels, name).numpy()
         return out
 
     def features(

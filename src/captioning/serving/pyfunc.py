@@ -6,11 +6,13 @@ which rebuilds the InceptionV3 extractor the model was trained with (seeded
 random weights, or a weights file logged beside the model) and checks its
 digest. Its `predict` takes base64-encoded images in any format Pillow reads
 (JPEG, PNG, WebP, BMP, GIF, TIFF, ...), checks every request before any pixel
-is decoded (base64 alphabet, size, and the pixel count from the image header),
-then reads them with the project's one image reader (EXIF orientation applied)
-and preprocessing. A bad request raises `MlflowException(INVALID_PARAMETER_VALUE)`,
-which the scoring server answers with HTTP 400 and the message, and keeps
-serving. `log_captioner_model` logs it as a model from code (`served_model.py`,
+is decoded (base64 alphabet, size, and the pixel count and shape from the image
+header), then reads them with the project's one image reader (EXIF orientation
+applied) and preprocessing, within a process-wide budget of pixels decoded at
+once. A bad request raises `MlflowException(INVALID_PARAMETER_VALUE)`, which the
+scoring server answers with HTTP 400 and the message, and keeps serving; under
+`mlflow models serve`, `captioning.serving.http_guard` bounds the request
+itself (size, Content-Type, concurrency) and keeps error replies short. `log_captioner_model` logs it as a model from code (`served_model.py`,
 so loading it unpickles nothing) with a signature, an input example, pinned
 requirements and this package's code.
 """
@@ -41,7 +43,8 @@ from captioning.data.images import ImageReadError, image_size
 from captioning.features import imagenet_weights_path
 from captioning.model.captioner import load_captioner
 from captioning.model.decode import DecodeResult
-from captioning.serving.inference import ImageCaptioner
+from captioning.serving.http_guard import install_in_scoring_server
+from captioning.serving.inference import ImageCaptioner, PixelBudget
 
 IMAGE_COLUMN = "image"
 DECODERS = ("greedy", "sample", "beam")
@@ -75,6 +78,11 @@ class ServingConfig:
     temperature: float = EvaluateParams.temperature
     max_batch: int = RegisterParams.max_batch
     max_pixels: int = RegisterParams.max_pixels
+    min_side: int = RegisterParams.min_side
+    max_aspect: float = RegisterParams.max_aspect
+    max_request_bytes: int = RegisterParams.max_request_bytes
+    max_concurrent_requests: int = RegisterParams.max_concurrent_requests
+    decode_budget_pixels: int = RegisterParams.decode_budget_pixels
     max_image_bytes: int = 20 * 1024 * 1024  # a phone photo is a few MB
 
     @classmethod
@@ -93,6 +101,11 @@ class ServingConfig:
             temperature=evaluate.temperature,
             max_batch=register.max_batch,
             max_pixels=register.max_pixels,
+            min_side=register.min_side,
+            max_aspect=register.max_aspect,
+            max_request_bytes=register.max_request_bytes,
+            max_concurrent_requests=register.max_concurrent_requests,
+            decode_budget_pixels=register.decode_budget_pixels,
         )
 
 
@@ -157,7 +170,7 @@ def decode_base64_image(value: Any, name: str, config: ServingConfig) -> bytes:
     except (binascii.Error, ValueError) as err:
         raise bad_request(f"{name}: not valid base64 ({err})") from None
     try:
-        image_size(data, name, config.max_pixels)
+        image_size(data, name, config.max_pixels, config.min_side, config.max_aspect)
     except ImageReadError as err:
         raise bad_request(str(err)) from None
     return data
@@ -210,13 +223,22 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         self.config = ServingConfig.from_dict(context.model_config)
+        install_in_scoring_server(
+            self.config.max_request_bytes, self.config.max_concurrent_requests
+        )
         model = load_captioner(context.artifacts[CAPTIONER_ARTIFACT])
         weights = context.artifacts.get(EXTRACTOR_ARTIFACT)
         if weights:
             # The extractor weights travel with the model; point the config at
             # this copy so ImageCaptioner rebuilds from it and checks its digest.
             model.model_config = dataclasses.replace(model.model_config, extractor_weights=weights)
-        self.captioner = ImageCaptioner(model, max_pixels=self.config.max_pixels)
+        self.captioner = ImageCaptioner(
+            model,
+            max_pixels=self.config.max_pixels,
+            min_side=self.config.min_side,
+            max_aspect=self.config.max_aspect,
+            decode_budget=PixelBudget(self.config.decode_budget_pixels),
+        )
         self.vocabulary = model.vocabulary
         # Trace the extractor and the greedy loop now, not on the first request.
         self.captioner.caption_bytes([example_image_bytes()], method="greedy", max_len=2)

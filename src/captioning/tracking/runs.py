@@ -10,8 +10,13 @@ tracking server: the stage passes the repository root, and a sqlite file
 Against a team server (docs/team.md) the login comes from
 `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, which MLflow reads
 itself: nothing here records them, and a URI with a password inside is refused.
-Runs get a readable name (the DVC experiment, else the commit and the params
-that differ from it) and the caption table as their training dataset input.
+Runs get a readable name (the DVC experiment or the commit, then the params
+that differ from the commit's, then any edited source files: what the pipeline
+writes itself, dvc.lock and the stages' outputs, does not count as an edit)
+and each split of the caption table they read as a dataset input, under the
+split's name as its context (train, val; evaluate adds test). MLflow 3.17's UI
+opens an experiment in its GenAI view unless the link asks for the training
+one (`experiment_url`).
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import keras
 import mlflow
 import yaml
 
 DEFAULT_EXPERIMENT = "image-captioning"
-# The experiment tag MLflow's UI reads to choose its view: training runs, not the GenAI overview.
+# The experiment kind tag: what the experiment holds, for tools and UIs that read it. MLflow
+# 3.17's own UI no longer does: it picks its view from the link (`experiment_url`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The UI's query parameter (and sidebar switch, remembered per browser) for the training view:
+# the runs table, metrics charts and models instead of GenAI traces.
+TRAINING_VIEW = {"workflowType": "machine_learning"}
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 MAX_RUN_NAME = 120  # characters; the UI's run table cuts longer names anyway
+EDITS_NAMED = 2  # edited files a run name lists before "+N more"
 
 
 def project_root(repo_root: str | Path) -> Path:
@@ -102,22 +113,52 @@ def server_errors(uri: str) -> Iterator[None]:
         raise RuntimeError(f"MLflow tracking server {uri} failed: {error}") from error
 
 
+def pipeline_written(repo_root: str | Path) -> set[str]:
+    """Tracked paths the pipeline writes itself: dvc.lock and every stage's outs, metrics, plots.
+
+    params.yaml is in the set too: a run names its changed values instead.
+    """
+    written = {"dvc.lock", "params.yaml"}
+    dvc_yaml = Path(repo_root) / "dvc.yaml"
+    if dvc_yaml.exists():
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+        for stage in stages.values():
+            for kind in ("outs", "metrics", "plots"):
+                for entry in stage.get(kind) or []:
+                    written.add(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return {path.rstrip("/") for path in written}
+
+
+def source_edits(repo_root: str | Path) -> list[str] | None:
+    """Tracked files that differ from HEAD, less what the pipeline writes; None outside git.
+
+    A fresh clone's first `make repro` rewrites dvc.lock and the reports DVC
+    keeps in git: that is the pipeline at work, not an edit to the code.
+    """
+    try:
+        changed = subprocess.run(
+            ["git", "diff", "--name-only", "--relative", "HEAD", "--"],
+            cwd=repo_root, capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    written = pipeline_written(repo_root)
+
+    def by_pipeline(path: str) -> bool:
+        return any(path == out or path.startswith(out + "/") for out in written)
+
+    return sorted(path for path in changed if not by_pipeline(path))
+
+
 def git_commit(repo_root: str | Path) -> str:
-    """HEAD's commit id, with `-dirty` when tracked files differ; 'unknown' outside git."""
+    """HEAD's commit id, with `-dirty` when source files differ from it; 'unknown' outside git."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{sha}-dirty" if dirty else sha
+    return f"{sha}-dirty" if source_edits(repo_root) else sha
 
 
 def dvc_output_hashes(lock_file: str | Path, paths: list[str]) -> dict[str, str]:
@@ -152,19 +193,35 @@ def changed_params(repo_root: str | Path, params: dict[str, Any]) -> dict[str, A
 
 
 def run_name(repo_root: str | Path, params: dict[str, Any]) -> str:
-    """A name to find the run by: the DVC experiment's, else `<commit> key=value ...`."""
-    experiment = os.environ.get("DVC_EXP_NAME")
-    if experiment:
-        return experiment
+    """A name to find the run by: `<DVC experiment or commit> key=value ... (edited a.py, b.py)`.
+
+    The params listed are those that differ from HEAD's params.yaml; the files
+    are the edited source files (`source_edits`), the first EDITS_NAMED by name.
+    """
     commit = git_commit(repo_root)
-    short = (
-        "nogit"
-        if commit == "unknown"
-        else commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
-    )
-    changes = " ".join(f"{k}={v}" for k, v in sorted(changed_params(repo_root, params).items()))
-    name = f"{short} {changes}".strip()
+    head = "nogit" if commit == "unknown" else commit[:7]
+    parts = [os.environ.get("DVC_EXP_NAME") or head]
+    parts += [f"{k}={v}" for k, v in sorted(changed_params(repo_root, params).items())]
+    edits = source_edits(repo_root) or []
+    if edits:
+        named = ", ".join(Path(path).name for path in edits[:EDITS_NAMED])
+        more = f" +{len(edits) - EDITS_NAMED} more" if len(edits) > EDITS_NAMED else ""
+        parts.append(f"(edited {named}{more})")
+    name = " ".join(parts)
     return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 3] + "..."
+
+
+def experiment_url(tracking_uri_: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of an experiment (or one of its runs), in the training view.
+
+    An http(s) tracking URI is the UI too; any other store is served by
+    `mlflow ui`, at DEFAULT_UI unless told otherwise.
+    """
+    base = tracking_uri_ if urlsplit(tracking_uri_).scheme in ("http", "https") else DEFAULT_UI
+    page = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    if run_id:
+        page += f"/runs/{run_id}"
+    return page + "?" + urlencode(TRAINING_VIEW)
 
 
 def file_md5(path: str | Path) -> str:
@@ -176,19 +233,19 @@ def file_md5(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def log_training_data(table_path: str | Path, source: str) -> None:
-    """The caption table as the run's training dataset input (name, digest, source).
+def log_split(table_path: str | Path, split: str, source: str) -> None:
+    """One split of the caption table as a dataset input of the active run, context = the split.
 
-    `source` is the path as dvc.yaml names it, the same in every clone; the
-    digest is the file's md5, the key of the table in the DVC cache and remote.
+    `source` is the path as dvc.yaml names it, the same in every clone. The
+    digest is MLflow's, of the split's rows; the input's `dvc_md5` tag is the
+    whole table's md5, its key in the DVC cache and remote.
     """
     import pandas as pd
 
     table = pd.read_parquet(table_path)
-    dataset = mlflow.data.from_pandas(
-        table, source=source, name=Path(source).stem, digest=file_md5(table_path)
-    )
-    mlflow.log_input(dataset, context="training")
+    rows = table[table["split"] == split].reset_index(drop=True)
+    dataset = mlflow.data.from_pandas(rows, source=source, name=f"{Path(source).stem}-{split}")
+    mlflow.log_input(dataset, context=split, tags={"dvc_md5": file_md5(table_path)})
 
 
 def run_tags(repo_root: str | Path, data_hashes: dict[str, str]) -> dict[str, str]:
@@ -197,6 +254,9 @@ def run_tags(repo_root: str | Path, data_hashes: dict[str, str]) -> dict[str, st
         "git_commit": git_commit(repo_root),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
     }
+    edits = source_edits(repo_root)
+    if edits:
+        tags["git_edits"] = ", ".join(edits)[:5000]  # MLflow's tag values stop at 8000
     for path, md5 in sorted(data_hashes.items()):
         tags[f"data_hash.{path}"] = md5
     if data_hashes:

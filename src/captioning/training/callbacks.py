@@ -1,18 +1,23 @@
-"""The epoch's validation figures, added to the logs the checkpoint and MLflow read.
+"""The epoch's validation figures, added to the logs the checkpoint and MLflow read, and DVCLive.
 
 `HeldOutLoss` (val loss and its parts), `ValCaptionScore` (val CIDEr of greedy
 captions for a fixed val sample, plus the data source's own caption scores
 when it has any) and `LearningRateLog`; `epoch_scorers` assembles them in
-the order both training engines run them.
+the order both training engines run them. `LiveMetrics` is DVCLive's Keras
+callback, run after the checkpoint: each epoch's logs become DVCLive's
+metrics (`dvc exp show`, `dvc plots`, VS Code and Studio live plots).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
 
 from captioning.config import EvaluateParams, TrainParams
 from captioning.data.scorers import SourceScorer
@@ -103,6 +108,34 @@ class LearningRateLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = float(self.model.optimizer.learning_rate)
+
+
+class LiveMetrics(DVCLiveCallback):
+    """DVCLive's Keras callback, its step the caption pairs seen, rebuilt from the checkpoint.
+
+    The step is `pairs_seen` (the checkpoint adds it to the logs before this
+    callback runs), as in MLflow, so runs with different epoch lengths or data
+    sizes line up. Metrics follow DVCLive's Keras names: `loss` is
+    `train/loss`, `val_CIDEr` is `eval/CIDEr`. `directory` starts empty; a
+    resumed run writes the epochs it already ran first (`resume`), so the
+    files are the same as an uninterrupted run's. No dvc.yaml and no
+    experiment of its own: the pipeline's dvc.yaml declares the files and
+    `dvc exp run` makes the experiment.
+    """
+
+    def __init__(self, directory: str | Path):
+        super().__init__(live=Live(str(directory), dvcyaml=False, save_dvc_exp=False))
+
+    def resume(self, history: list[dict]) -> None:
+        """Log the epochs a resumed run already ran (the checkpoint's history rows)."""
+        for row in history:
+            self.on_epoch_end(row["epoch"] - 1, {k: v for k, v in row.items() if k != "epoch"})
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Floats, as the checkpoint's history keeps them: a resumed run writes the same text.
+        logs = {name: float(value) for name, value in (logs or {}).items()}
+        self.live.step = int(logs.get("pairs_seen", epoch + 1))
+        super().on_epoch_end(epoch, logs)
 
 
 def val_sample(val: CaptionSet, size: int, seed: int) -> np.ndarray:

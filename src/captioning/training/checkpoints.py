@@ -2,7 +2,8 @@
 
 After every epoch `EpochCheckpoint` writes the weights, the optimiser state,
 the early-stopping state and the history (atomically: a kill mid-save leaves
-the previous epoch's checkpoint intact). A run resumes from the last completed
+the previous epoch's checkpoint intact); the engines write the history as a
+CSV table when the run ends (`write_history`), while DVCLive shows it live. A run resumes from the last completed
 epoch only when its fingerprint (settings, data, code) matches the
 checkpoint's.
 """
@@ -95,7 +96,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def __init__(
         self,
         directory: Path,
-        history_csv: Path,
         fingerprint: str,
         rule: StoppingRule,
         budget: TrainingBudget,
@@ -103,7 +103,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
     ):
         super().__init__()
         self.directory = Path(directory)
-        self.history_csv = Path(history_csv)
         self.fingerprint = fingerprint
         self.rule = rule
         self.budget = budget
@@ -138,7 +137,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.state["epoch"] = epoch + 1
         row = {k: float(v) for k, v in logs.items()}
         self.state["history"].append({"epoch": epoch + 1, **row})
-        write_history(self.history_csv, self.state["history"])
         atomic_write(
             self.directory / "state.json",
             json.dumps({**self.state, "fingerprint": self.fingerprint}, indent=2),

@@ -1,7 +1,7 @@
 """Training under tf.distribute: a host's devices (`mirrored`) or a TF_CONFIG cluster (`multi_worker`).
 
 Keras 3 `fit` fails under MultiWorkerMirroredStrategy with two or more workers
-(`python -m benchmarks.multi_worker_fit` reproduces it), so this module runs
+(`python -m benchmarks multi_worker_fit` reproduces it), so this module runs
 the epoch loop itself; everything else is `training.fit`'s: the model and the
 optimiser (`training.engine`), the step's gradients (`Captioner.gradients`),
 the batch plan, the budget, the checkpoint and the validation callbacks. Each
@@ -197,11 +197,12 @@ def train_distributed(
         params, extractor, vocabulary, train, val, store, val_references, val_scorer
     )
     checkpoint = engine.open_checkpoint(
-        checkpoint_dir, history_csv, fingerprint, params, run.budget, resume=run.chief
+        checkpoint_dir, fingerprint, params, run.budget, resume=run.chief
     )
     initial_epoch, done = _restore_on_every_worker(run, checkpoint, on_resume)
     chief_callbacks = []
     if run.chief:
+        engine.resume_callbacks(callbacks, checkpoint)
         scorers = epoch_scorers(store, val, params, val_references, val_scorer)
         chief_callbacks = _chief_callbacks(run, scorers, checkpoint, callbacks)
     last_epoch = initial_epoch
@@ -210,7 +211,11 @@ def train_distributed(
         data = run.strategy.distribute_datasets_from_function(
             lambda context: batches.dataset(context, initial_epoch * run.budget.steps_per_epoch)
         )
+        for callback in chief_callbacks:
+            callback.on_train_begin()
         last_epoch = _epochs(run, iter(data), params, initial_epoch, chief_callbacks, checkpoint)
+        for callback in chief_callbacks:
+            callback.on_train_end()  # as fit does: DVCLive ends its run here
     result = _finish(run, checkpoint, history_csv, initial_epoch, last_epoch)
     # Leave together: a worker that exits while the chief still writes is reported
     # by the chief's coordination service as a crashed task.

@@ -105,7 +105,6 @@ def start(params: TrainParams, train: CaptionSet, val_references: dict | None) -
 
 def open_checkpoint(
     directory: str | Path,
-    history_csv: str | Path,
     fingerprint: str,
     params: TrainParams,
     budget: TrainingBudget,
@@ -114,4 +113,17 @@ def open_checkpoint(
     """The run's checkpoint callback, holding the state it resumes from (when `resume`)."""
     state = resume_state(Path(directory), fingerprint) if resume else None
     rule = StoppingRule.of(params)
-    return EpochCheckpoint(Path(directory), Path(history_csv), fingerprint, rule, budget, state)
+    return EpochCheckpoint(Path(directory), fingerprint, rule, budget, state)
+
+
+def resume_callbacks(
+    callbacks: list[keras.callbacks.Callback], checkpoint: EpochCheckpoint
+) -> None:
+    """Hand the epochs already run to each callback that keeps its own record (a `resume` method).
+
+    DVCLive's files are a DVC output, deleted before the stage runs again:
+    `LiveMetrics.resume` writes them back. Called on a fresh run too (no rows).
+    """
+    for callback in callbacks:
+        if hasattr(callback, "resume"):
+            callback.resume(checkpoint.state["history"])

@@ -62,8 +62,9 @@ def fit_captioner(
     fingerprint = run_fingerprint(
         params, extractor, vocabulary, train, val, store, val_references, val_scorer
     )
-    checkpoint = engine.open_checkpoint(checkpoint_dir, history_csv, fingerprint, params, budget)
+    checkpoint = engine.open_checkpoint(checkpoint_dir, fingerprint, params, budget)
     initial_epoch = restore_checkpoint(model, checkpoint.directory, checkpoint.state, on_resume)
+    engine.resume_callbacks(callbacks, checkpoint)
     scorers = epoch_scorers(store, val, params, val_references, val_scorer)
     if not finished(checkpoint.state, budget):
         plan = BatchPlan(train, params.batch_size, params.captions_per_image or None)
