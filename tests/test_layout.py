@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "captioning"
 # Lowest first; a unit may import any unit in an earlier layer.
 LAYERS = [
-    {"config", "atomic_files", "server_process"},
+    {"config", "atomic_files", "server_process", "spark_session"},
     {"data"},
     {"features"},
     {"model"},
