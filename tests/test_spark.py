@@ -183,9 +183,8 @@ def test_batch_captions_equal_captioning_caption_and_bad_files_give_error_rows(
     assert first.model_uri == f"models:/image-captioner/{version}"
 
     summary = caption_collection(
-        spark, str(tmp_path / "photos"), str(out), "models:/image-captioner@champion",
-        chunk_size=5,
-    )  # fmt: skip
+        spark, str(tmp_path / "photos"), str(out), "models:/image-captioner@champion"
+    )
     assert (summary.captioned, summary.failed, summary.skipped) == (3, len(broken), 3)
     rows = _rows(out)
     assert len(rows) == len(good) + len(broken)  # one row per file: resume appended no twins
