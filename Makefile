@@ -64,6 +64,11 @@ MODEL_NAME ?= image-captioner
 serve: install ## serve models:/$(MODEL_NAME)@champion on 127.0.0.1:$(SERVE_PORT) (mlflow models serve)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
+INPUT ?= data/raw
+OUT ?= build/captions.parquet
+batch: install ## caption INPUT (folder, glob or Parquet) with models:/$(MODEL_NAME)@champion on Spark into OUT (docs/spark.md)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/captioning batch '$(INPUT)' --output $(OUT) --model models:/$(MODEL_NAME)@champion
+
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
 	$(BIN)/python -m benchmarks.serve_load
 
