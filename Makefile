@@ -78,6 +78,11 @@ docker: install ## write $(DOCKER_DIR)/Dockerfile serving models:/$(MODEL_NAME)@
 docker-build: install ## build the image $(DOCKER_IMAGE) of the champion (mlflow models build-docker; needs Docker and a registry)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/mlflow models build-docker -m models:/$(MODEL_NAME)@champion -n $(DOCKER_IMAGE)
 
+INPUT ?= data/raw
+OUT ?= build/captions.parquet
+batch: install ## caption INPUT (folder, glob or Parquet) with models:/$(MODEL_NAME)@champion on Spark into OUT (docs/spark.md)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} $(BIN)/captioning batch '$(INPUT)' --output $(OUT) --model models:/$(MODEL_NAME)@champion
+
 bench-serve: install ## load-test the served model (300 requests, 8 concurrent, 127.0.0.1 only)
 	$(BIN)/python -m benchmarks serve --out reports/bench_serve.json
 

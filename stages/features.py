@@ -1,8 +1,10 @@
 """Stage `features`: InceptionV3 feature maps of every image into float16 shards.
 
-`--part K/N` extracts only part K of N of the store (every N-th shard), for
-running parts on several hosts; the stage itself, run whole (`dvc repro
-features`), keeps the parts' shards and merges them (docs/scaling.md).
+`features.engine` picks where extraction runs: `local` (this process) or
+`spark` (executors of `features.spark_master`, or of the `spark-submit` that
+started this; docs/spark.md); both write the same store byte for byte.
+`--part K/N` (local engine) extracts only part K of N of the store (every
+N-th shard); the stage run whole keeps the parts' shards and merges them.
 """
 
 import argparse
@@ -24,6 +26,24 @@ def _part(text: str) -> tuple[int, int]:
     return part, parts
 
 
+def _extract_on_spark(images: pd.DataFrame, out: str, params, max_pixels: int) -> pd.DataFrame:
+    from captioning.features.spark import extract_features_spark
+    from captioning.spark_session import spark_session
+
+    spark = spark_session(params.spark_master, "captioning features")
+    return extract_features_spark(
+        spark,
+        images,
+        out,
+        weights=params.weights,
+        image_size=params.image_size,
+        seed=params.seed,
+        batch_size=params.batch_size,
+        shard_size=params.shard_size,
+        max_pixels=max_pixels,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help="captions parquet from `validate`")
@@ -41,6 +61,14 @@ def main() -> None:
     images = pd.read_parquet(args.table, columns=["image_id", "path", "split"]).drop_duplicates(
         "image_id"
     )
+    if params.engine == "spark":
+        if parts > 1:
+            parser.error("--part is for the local engine; Spark spreads the shards itself")
+        index = _extract_on_spark(images, args.out, params, max_pixels)
+        print(f"features (spark): {len(index)} images in {index['shard'].nunique()} shards")
+        extractor = build_extractor(params.weights, params.image_size, params.seed)
+        write_extractor_spec(args.out, extractor, params.weights, params.image_size, params.seed)
+        return
     extractor = build_extractor(params.weights, params.image_size, params.seed)
     index = extract_features(
         images,

@@ -1,6 +1,7 @@
 """The `captioning` command: caption images, score a results file, gate a run's metrics.
 
 captioning caption IMG [IMG ...] [--model models/captioner.keras] [--decoder beam]
+captioning batch INPUT --output OUT [--model models:/image-captioner@champion] [--master local[*]]
 captioning score RESULTS.json --annotations captions_val2014.json
 captioning gate [--base-ref main | --base-metrics BASE.json] [--out gate.md]
 """
@@ -12,7 +13,7 @@ import json
 import sys
 import typing
 
-from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams
+from captioning.config import DecoderMethod, EvaluateParams, FeaturesParams, RegisterParams
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -37,6 +38,35 @@ def _caption(args: argparse.Namespace) -> int:
             print(json.dumps({"image": path, "caption": caption, "score": float(score)}))
         else:
             print(f"{path}\t{caption}")
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from captioning.serving.batch import caption_collection
+    from captioning.spark_session import spark_session
+
+    params = {
+        key: value
+        for key, value in (
+            ("decoder", args.decoder),
+            ("beam_size", args.beam_size),
+            ("max_length", args.max_len),
+        )
+        if value is not None
+    }
+    spark = spark_session(args.master, "captioning batch")
+    summary = caption_collection(
+        spark,
+        args.input,
+        args.output,
+        args.model,
+        batch_size=args.batch_size,
+        params=params,
+        chunk_size=args.chunk_size,
+        id_column=args.id_column,
+        image_column=args.image_column,
+    )
+    print(f"captioning batch: {summary.line()} -> {args.output}")
     return 0
 
 
@@ -112,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", action="store_true", help="one JSON object per line")
     cap.set_defaults(func=_caption)
 
+    _add_batch_parser(sub)
+
     score = sub.add_parser("score", help="score a COCO results file with coco-caption metrics")
     score.add_argument("results", help="COCO results JSON: [{image_id, caption}]")
     score.add_argument("--annotations", required=True, help="COCO captions annotation JSON")
@@ -135,6 +167,49 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--out", help="also write the Markdown table to this file")
     gate.set_defaults(func=_gate)
     return parser
+
+
+def _add_batch_parser(sub) -> None:
+    from captioning.serving.batch import DEFAULT_CHUNK_SIZE
+
+    batch = sub.add_parser(
+        "batch",
+        help="caption a collection on Spark with the registered model (docs/spark.md)",
+        description="Caption image files (a folder or glob) or a Parquet table of image bytes "
+        "with a registered model on Spark; append one row per input (id, caption, score, error, "
+        "model_uri, model_version) to a Parquet dataset, skipping inputs it already has for the "
+        "same model version. Bad images give error rows, never a failed job.",
+    )
+    batch.add_argument("input", help="folder or glob of image files, or a Parquet table")
+    batch.add_argument("--output", required=True, help="Parquet dataset the rows are appended to")
+    batch.add_argument(
+        "--model",
+        default=f"models:/{RegisterParams.model_name}@champion",
+        help="MLflow model URI; an alias is pinned to its version when the job starts",
+    )
+    batch.add_argument(
+        "--master",
+        default=FeaturesParams.spark_master,
+        help="Spark master when not run by spark-submit (default: every core of this machine)",
+    )
+    batch.add_argument(
+        "--decoder",
+        choices=typing.get_args(DecoderMethod),
+        help="default: the registered model's (what it was evaluated with)",
+    )
+    batch.add_argument("--beam-size", type=int, help="default: the registered model's")
+    batch.add_argument("--max-len", type=int, help="most tokens per caption; default: the model's")
+    batch.add_argument(
+        "--batch-size", type=int, help="images per model call (Arrow batch); default and cap: "
+        "the model's max_batch",
+    )  # fmt: skip
+    batch.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+        help="inputs per committed Spark job (a kill loses at most one chunk)",
+    )  # fmt: skip
+    batch.add_argument("--id-column", default="path", help="Parquet input: the id column")
+    batch.add_argument("--image-column", default="image", help="Parquet input: the bytes column")
+    batch.set_defaults(func=_batch)
 
 
 def main(argv: list[str] | None = None) -> int:

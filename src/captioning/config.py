@@ -100,6 +100,11 @@ class FeaturesParams:
     batch_size: int = 32  # images per InceptionV3 forward pass
     shard_size: int = 1024  # images per float16 shard file
     seed: int = 0  # initialisation seed when weights=none
+    # Where extraction runs; both write the same store byte for byte, so neither
+    # is a DVC param of the stage (docs/spark.md). local: this process, one machine.
+    engine: Literal["local", "spark"] = "local"
+    # engine=spark: the Spark master when not under spark-submit (local[*]: every core here).
+    spark_master: str = "local[*]"
 
 
 @dataclasses.dataclass(frozen=True)
