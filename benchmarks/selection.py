@@ -116,6 +116,7 @@ def run_candidate(
     figures = {
         **{k: round(float(scored.corpus[k]), 4) for k in KEPT if k in scored.corpus},
         "seed": train.seed,
+        "model": run_dir.name,
         "train_seconds": trained["train_seconds"],
         "decode_seconds": round(time.perf_counter() - start, 1),
         "best_epoch": trained["summary"].get("best_epoch"),
@@ -133,6 +134,8 @@ def spread_figures(runs: list[dict]) -> dict:
         "min": min(values),
         "max": max(values),
         "seconds": round(statistics.fmean(r["train_seconds"] + r["decode_seconds"] for r in runs)),
+        "decode_seconds": round(statistics.fmean(r["decode_seconds"] for r in runs), 1),
+        "models": sorted({r["model"] for r in runs}),
         "runs": runs,
     }
 
@@ -146,7 +149,9 @@ def verdict(default: str, challenger: str, figures: dict[str, dict]) -> dict:
         winner, loser = (challenger, default) if d > 0 else (default, challenger)
         text = f"{winner} beats {loser} by {abs(d):.3f} > spread {spread:.3f}"
         return {"winner": winner, "beyond_spread": True, "d": d, "spread": spread, "text": text}
-    cheaper = challenger if a["seconds"] < b["seconds"] else default
+    # Candidates sharing their trained models differ in decoding cost alone.
+    cost = "decode_seconds" if a["models"] == b["models"] else "seconds"
+    cheaper = challenger if a[cost] < b[cost] else default
     text = f"tie ({challenger} - {default} = {d:+.3f}, spread {spread:.3f}): keep the cheaper {cheaper}"
     return {"winner": cheaper, "beyond_spread": False, "d": d, "spread": spread, "text": text}
 
@@ -204,7 +209,11 @@ def selection(
     for experiment, candidates in experiments.items():
         default = next(iter(candidates))
         per_set = [r[experiment] for r in results["data_sets"].values()]
-        seconds = {c: sum(r["candidates"][c]["seconds"] for r in per_set) for c in candidates}
+        shared = all(
+            len({str(f["models"]) for f in r["candidates"].values()}) == 1 for r in per_set
+        )
+        cost = "decode_seconds" if shared else "seconds"
+        seconds = {c: sum(r["candidates"][c][cost] for r in per_set) for c in candidates}
         results["overall"][experiment] = {
             c: overall(default, c, [r["verdicts"][c] for r in per_set], seconds)
             for c in candidates if c != default
