@@ -79,6 +79,7 @@ QUICK_TRAIN = {
     "budget_pairs": 32, "epoch_pairs": 32, "batch_size": 16, "val_sample_images": 8,
     "units": 16, "attention_units": 16, "embedding_dim": 16, "encoder_dim": 16,
     "transformer_layers": 1, "transformer_heads": 2, "transformer_width": 16, "transformer_ff": 16,
+    "jit_compile": False,  # XLA's compile per model costs more than two steps of a tiny one
 }  # fmt: skip
 QUICK_EVALUATE = {"max_len": 12, "batch_size": 16}
 QUICK_CANDIDATES = {"decoder": ("gru", "transformer"), "decoding": ("greedy", "beam3")}
