@@ -50,6 +50,10 @@ bench: install ## speed and memory benchmarks (docs/benchmarks.md; `python -m be
 bench-decoders: install ## greedy vs beam 3 vs beam 5 on the test split: scores and captions/s (after make repro)
 	$(BIN)/python -m benchmarks decoders --out reports/bench_decoders.json
 
+.PHONY: select
+select: install ## model selection across data sets and seeds, val only (issue 26; hours on a CPU: docs/experiments.md)
+	$(BIN)/python -m benchmarks.selection --images 1000 --seeds 3 --out reports/selection.json
+
 .PHONY: bench-gpu
 bench-gpu: install ## on a GPU: extraction img/s, training pairs/s by precision, decoding, share of peak (docs/scaling.md)
 	$(BIN)/python -m benchmarks features precision decode --out reports/bench_gpu.json

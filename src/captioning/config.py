@@ -51,10 +51,10 @@ DecoderMethod = Literal["greedy", "sample", "beam"]
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
-    source: Literal["demo", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
+    source: Literal["demo", "scenes", "local", "coco2014", "flickr8k", "flickr30k"] = "demo"
     path: str | None = None  # source=local: a folder in the COCO 2014 layout
     seed: int = 2014  # demo generation and the subset choice
-    # Demo images written to train2014/ and val2014/ (val2014 is divided into val
+    # Demo (and scenes) images written to train2014/ and val2014/ (val2014 is divided into val
     # and test). 2000 images seen once per epoch with one caption each learn the
     # scenes better than fewer images with all five captions in as many steps.
     demo_train_images: int = 2000

@@ -17,6 +17,8 @@ from captioning.config import DataParams
 from captioning.data.demo import generate_demo
 from captioning.data.demo_captions import load_objects
 from captioning.data.demo_scoring import DemoScorer
+from captioning.data.scenes import generate_scenes, load_groups
+from captioning.data.scenes_scoring import ScenesScorer
 from captioning.data.scorers import SourceScorer
 
 REF_NAME = "dataset.json"
@@ -44,6 +46,9 @@ def prepare_source(params: DataParams, raw_dir: str | Path) -> Path:
     if params.source == "demo":
         root = raw_dir / "demo"
         generate_demo(root, params.demo_train_images, params.demo_val_images, params.seed)
+    elif params.source == "scenes":  # a second generated set, at the demo's sizes and seed
+        root = raw_dir / "scenes"
+        generate_scenes(root, params.demo_train_images, params.demo_val_images, params.seed)
     elif params.source == "local":
         if not params.path:
             raise SourceError("data.source is 'local' but data.path is not set")
@@ -80,8 +85,8 @@ def read_dataset_ref(raw_dir: str | Path) -> dict:
 def source_scorer(raw_dir: str | Path) -> SourceScorer | None:
     """The current source's own scorer (`captioning.data.scorers`), or None when it has none.
 
-    Only the demo has one: its scenes are known exactly (every object's kind,
-    colour, position and box).
+    Only the generated sources have one: their scenes are known exactly (every
+    object's kind, colour, position or group, and box).
     """
     dataset = read_dataset_ref(raw_dir)
     factory = SCORERS.get(dataset["source"])
@@ -99,5 +104,16 @@ def demo_scorer(root: Path) -> DemoScorer:
     )
 
 
+def scenes_scorer(root: Path) -> ScenesScorer:
+    """The scenes' scorer, from the groups of both splits' instance files."""
+    annotations = root / "annotations"
+    return ScenesScorer(
+        {
+            **load_groups(annotations / "instances_train2014.json"),
+            **load_groups(annotations / "instances_val2014.json"),
+        }
+    )
+
+
 # A source that knows more about its images than their captions registers its scorer here.
-SCORERS: dict[str, Callable[[Path], SourceScorer]] = {"demo": demo_scorer}
+SCORERS: dict[str, Callable[[Path], SourceScorer]] = {"demo": demo_scorer, "scenes": scenes_scorer}
