@@ -426,6 +426,17 @@ class _InterruptAfter(keras.callbacks.Callback):
             raise _Interrupt
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested JSON object as one level of `a/b` keys (to compare with pytest.approx)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path):
     # Only the first epoch counts as an improvement (min_delta is out of reach), so the
     # smoothed metric waits from epoch 1: patience (144 pairs) runs out after epoch 4,
@@ -465,8 +476,19 @@ def test_early_stopping_and_resume_give_the_uninterrupted_result(data, tmp_path)
         for name in live
     }
     assert files["whole"] == files["cut"] and Path("metrics.json") in files["whole"]
+    # Same steps and figures; a figure may differ in its last float32 bit (Keras' running
+    # mean of the epoch loss is summed in thread order), as the history frames above allow.
     for path in files["whole"]:
-        assert (live["whole"] / path).read_text() == (live["cut"] / path).read_text(), path
+        if path.suffix == ".tsv":
+            pd.testing.assert_frame_equal(
+                pd.read_csv(live["whole"] / path, sep="\t"),
+                pd.read_csv(live["cut"] / path, sep="\t"),
+                rtol=1e-6,
+            )
+        else:
+            assert _flat(json.loads((live["whole"] / path).read_text())) == pytest.approx(
+                _flat(json.loads((live["cut"] / path).read_text())), rel=1e-6
+            ), path
     summary = json.loads((live["whole"] / "metrics.json").read_text())
     assert summary["step"] == 240 and summary["eval"]["CIDEr"] == pytest.approx(
         pd.read_csv(tmp_path / "whole" / "history.csv").val_CIDEr.iloc[-1]
