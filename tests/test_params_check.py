@@ -50,7 +50,7 @@ BAD_VALUES = [
      "evaluate.decoder = 'topk': allowed: one of ['greedy', 'sample', 'beam']"),
     ("register", "max_batch", 0, "register.max_batch = 0: allowed: a number >= 1"),
     ("data", "source", "coco", "data.source = 'coco': allowed: one of "
-     "['demo', 'local', 'coco2014', 'flickr8k', 'flickr30k']"),
+     "['demo', 'scenes', 'local', 'coco2014', 'flickr8k', 'flickr30k']"),
 ]  # fmt: skip
 
 
