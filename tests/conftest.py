@@ -1,12 +1,39 @@
 """Shared test setup: quiet TensorFlow, no MLflow telemetry, and the tiny captioner factory."""
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What MLflow's fluent API keeps per process: `mlflow.set_experiment` (called by
+# `tracking.configure`) sets a module global and MLFLOW_EXPERIMENT_ID, which
+# outlive the test's store and point the next test at an experiment that is gone.
+_MLFLOW_ENV = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI")
+
+
+def _kept_mlflow_state():
+    """Snapshot MLflow's per-process state; put it back when the generator resumes."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _MLFLOW_ENV:  # restored at exit, set or not
+            if name in os.environ:
+                patch.setenv(name, os.environ[name])
+            else:
+                patch.delenv(name, raising=False)
+        yield
+        fluent = sys.modules.get("mlflow.tracking.fluent")
+        if fluent is not None:  # only where a test imported MLflow
+            fluent._active_experiment_id = None
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_state_per_test():
+    """Each test ends with the process's MLflow experiment and store as it began."""
+    yield from _kept_mlflow_state()
+
 
 TINY_CAPTIONS = ["a red circle at the top", "a blue square on the left"]
 # Distinct sizes, so a mixed-up dimension fails loudly instead of lining up by chance.

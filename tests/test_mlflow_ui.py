@@ -62,6 +62,9 @@ def server(tmp_path_factory):
             yield url, run.info.experiment_id, mlflow.MlflowClient().get_run(parent).info.run_name
         finally:
             mlflow.set_tracking_uri(None)
+            # tracking.configure's set_experiment left this server's experiment active.
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+            mlflow.tracking.fluent._active_experiment_id = None
             if previous is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
