@@ -168,14 +168,19 @@ def test_the_pipeline_logs_a_findable_run_to_the_server(pushed, team):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == pushed.commit[:7], run.info.run_name  # params as committed
     assert "test.CIDEr" in run.data.metrics and "train.budget_pairs" in run.data.params
-    (dataset,) = run.inputs.dataset_inputs
+    # Each split is an input named by its context, tagged with the table's DVC md5.
     lock = yaml.safe_load((pushed.project.root / "dvc.lock").read_text())
     table_md5 = next(
         out["md5"]
         for out in lock["stages"]["validate"]["outs"]
         if out["path"] == "data/interim/captions.parquet"
     )
-    assert (dataset.dataset.name, dataset.dataset.digest) == ("captions", table_md5)
+    inputs = {
+        tags["mlflow.data.context"]: (logged.dataset.name, tags["dvc_md5"])
+        for logged in run.inputs.dataset_inputs
+        for tags in [{t.key: t.value for t in logged.tags}]
+    }
+    assert inputs == {split: (f"captions-{split}", table_md5) for split in ("train", "val", "test")}
     # The model's files went through the server (proxied artifacts), not to the client's disk.
     assert any(team.server.layout.artifacts.rglob("*.keras")), "no model in the artifact store"
 
