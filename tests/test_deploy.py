@@ -2,7 +2,7 @@
 
 A tiny untrained captioner goes through the real `register` stage into a
 sqlite registry (the `Project` of test_serving); the test then follows the
-README's recipe: the version's `savedmodel` tag leads to the SavedModel
+recipe in docs/serving.md: the version's `savedmodel` tag leads to the SavedModel
 artifact, and `mlflow models generate-dockerfile -m
 models:/image-captioner@champion` (the Makefile's `docker` target) writes a
 Dockerfile with the champion's files beside it. Building the image
