@@ -40,12 +40,12 @@ def code_fingerprint() -> str:
     """Hash of the modules that decide what training computes: a resume needs the same code.
 
     The model, training and evaluation subpackages (the val captions are scored
-    there), config (they are decoded with evaluate's defaults) and the data
-    sources' own scorers: the truth scorer, the generated sources and their
-    grammars.
+    there), config and its checks (they are decoded with evaluate's defaults)
+    and the data sources' own scorers: the truth scorer, the generated sources
+    and their grammars.
     """
     package = Path(__file__).resolve().parent.parent
-    files = [package / "config.py"]
+    files = [package / "config.py", package / "param_checks.py"]
     data = package / "data"
     files += [data / name for name in ("scorers.py", "sources.py", "synthetic.py", "drawing.py")]
     files += sorted(data.glob("demo*.py")) + sorted(data.glob("scenes*.py"))
