@@ -19,6 +19,7 @@ from PIL import Image
 
 from captioning.atomic_files import temporary_sibling
 from captioning.data import demo, demo_captions, demo_scenes
+from captioning.data.synthetic import read_instances
 from captioning.data.text import clean_caption
 
 N_TRAIN, N_VAL, SEED = 12, 6, 7
@@ -45,9 +46,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _all_objects(root: Path) -> dict[int, list[dict]]:
     objects = {}
     for split in SPLITS:
-        objects.update(
-            demo_captions.load_objects(root / "annotations" / f"instances_{split}2014.json")
-        )
+        objects.update(read_instances(root / "annotations" / f"instances_{split}2014.json"))
     return objects
 
 
@@ -129,7 +128,7 @@ def test_instances_schema(root):
     assert len(set(instance_ids)) == len(instance_ids)
 
 
-def test_load_objects_gives_each_image_distinct_cells(root):
+def test_read_instances_gives_each_image_distinct_cells(root):
     objects = _all_objects(root)
     assert len(objects) == N_TRAIN + N_VAL
     for objs in objects.values():

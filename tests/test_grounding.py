@@ -1,11 +1,17 @@
-"""The demo's own scores: box coverage, per-noun attention mass, object accuracy, the plug-in."""
+"""The truth scorer on the demo: box coverage, per-noun attention mass, object accuracy, plug-in."""
 
 import json
 
 import numpy as np
 import pytest
 
-from captioning.data.demo_scoring import box_coverage, grounding_scores, noun_groundings
+from captioning.data.demo_captions import TRUTH_RULES
+from captioning.data.scorers import (
+    TruthScorer,
+    box_coverage,
+    grounding_scores,
+    noun_groundings,
+)
 
 OBJECTS = [
     {"kind": "circle", "colour": "red", "position": "top left", "bbox": [0, 0, 74.75, 74.75]},
@@ -19,11 +25,11 @@ OBJECTS = [
 
 
 def test_box_coverage_counts_partial_cells():
-    cov = box_coverage([0, 0, 74.75, 74.75], grid=8)  # exactly the top-left 2x2 cells
+    cov = box_coverage([0, 0, 74.75, 74.75], 8, 299, 299)  # exactly the top-left 2x2 cells
     assert cov.shape == (64,)
     np.testing.assert_allclose(cov.reshape(8, 8)[:2, :2], 1.0)
     assert cov.sum() == pytest.approx(4.0)
-    half = box_coverage([0, 0, 299 / 16, 299 / 8], grid=8)
+    half = box_coverage([0, 0, 299 / 16, 299 / 8], 8, 299, 299)
     assert half[0] == pytest.approx(0.5) and half[1] == 0
 
 
@@ -31,12 +37,12 @@ def test_attention_on_the_named_box_scores_one_and_uniform_scores_the_area():
     caption = "a red circle in the top left corner and a blue star in the bottom right corner"
     words = caption.split()
     focused = np.zeros((len(words), 64))
-    focused[words.index("circle"), box_coverage(OBJECTS[0]["bbox"], 8) > 0] = 0.25
-    focused[words.index("star"), box_coverage(OBJECTS[1]["bbox"], 8) > 0] = 0.25
-    pairs = noun_groundings(caption, focused, OBJECTS)
+    focused[words.index("circle"), box_coverage(OBJECTS[0]["bbox"], 8, 299, 299) > 0] = 0.25
+    focused[words.index("star"), box_coverage(OBJECTS[1]["bbox"], 8, 299, 299) > 0] = 0.25
+    pairs = noun_groundings(TRUTH_RULES, caption, focused, OBJECTS)
     assert [round(m, 6) for m, _ in pairs] == [1.0, 1.0]
     uniform = np.full((len(words), 64), 1 / 64)
-    scores = grounding_scores([caption], [uniform], [OBJECTS])
+    scores = grounding_scores(TRUTH_RULES, [caption], [uniform], [OBJECTS])
     assert scores["grounding"] == pytest.approx(scores["grounding_chance"])
     assert scores["grounding_chance"] == pytest.approx(4 / 64)
     assert scores["grounded_nouns"] == 2
@@ -44,25 +50,23 @@ def test_attention_on_the_named_box_scores_one_and_uniform_scores_the_area():
 
 def test_wrong_mentions_are_not_grounded():
     caption = "a green circle in the top left corner"  # wrong colour: no such object
-    assert noun_groundings(caption, np.full((8, 64), 1 / 64), OBJECTS) == []
-    assert grounding_scores([caption], [np.zeros((8, 64))], [OBJECTS])["grounded_nouns"] == 0
+    assert noun_groundings(TRUTH_RULES, caption, np.full((8, 64), 1 / 64), OBJECTS) == []
+    scores = grounding_scores(TRUTH_RULES, [caption], [np.zeros((8, 64))], [OBJECTS])
+    assert scores["grounded_nouns"] == 0
 
 
 def test_the_demo_scorer_gives_object_accuracy_per_image_and_grounding_per_corpus():
-    from captioning.data.demo_scoring import DemoScorer
-
-    scorer = DemoScorer({1: OBJECTS, 2: OBJECTS[:1]})
+    scorer = TruthScorer({1: OBJECTS, 2: OBJECTS[:1]}, TRUTH_RULES)
     right = "a red circle in the top left corner and a blue star in the bottom right corner"
     columns, corpus = scorer.caption_scores([1, 2], [right, "a blue circle in the top left"])
     assert columns == {"objects_correct": [True, False]}
     assert corpus == {"object_accuracy": 0.5}
     uniform = np.full((len(right.split()), 64), 1 / 64)
     scores = scorer.attention_scores([1], [right], [uniform])
-    assert scores == grounding_scores([right], [uniform], [OBJECTS])
+    assert scores == grounding_scores(TRUTH_RULES, [right], [uniform], [OBJECTS])
 
 
 def test_only_a_source_with_its_own_truth_has_a_scorer(tmp_path):
-    from captioning.data.demo_scoring import DemoScorer
     from captioning.data.sources import source_scorer, write_dataset_ref
 
     annotations = tmp_path / "coco" / "annotations"
@@ -83,7 +87,7 @@ def test_only_a_source_with_its_own_truth_has_a_scorer(tmp_path):
         (annotations / f"instances_{split}2014.json").write_text(json.dumps(instances))
     write_dataset_ref(tmp_path, "demo", tmp_path / "coco")
     scorer = source_scorer(tmp_path)
-    assert isinstance(scorer, DemoScorer)
+    assert isinstance(scorer, TruthScorer) and scorer.rules is TRUTH_RULES
     assert scorer.caption_scores([7], ["a red circle in the top left corner"])[1] == {
         "object_accuracy": 1.0
     }

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "captioning"
 # Lowest first; a unit may import any unit in an earlier layer.
 LAYERS = [
     {"param_bounds"},
+    {"param_checks"},
     {"config", "atomic_files", "server_process", "spark_session"},
     {"errors", "params_restore", "dvc_cache"},
     {"data"},

@@ -17,7 +17,8 @@ from PIL import Image
 
 from captioning.config import DataParams, SplitParams, ValidateParams
 from captioning.data import demo_scenes, scenes, scenes_captions, scenes_drawing
-from captioning.data.scenes_scoring import ScenesScorer, boxes_coverage
+from captioning.data.scenes_captions import TRUTH_RULES
+from captioning.data.scorers import TruthScorer, boxes_coverage
 from captioning.data.sources import prepare_source, source_scorer
 from captioning.data.validation import validate_dataset
 
@@ -88,7 +89,8 @@ def test_prepare_source_writes_scenes_and_finds_their_scorer(tmp_path):
     params = DataParams(source="scenes", demo_train_images=3, demo_val_images=2, seed=SEED)
     layout = prepare_source(params, tmp_path / "raw")
     assert layout == tmp_path / "raw" / "scenes"
-    assert isinstance(source_scorer(tmp_path / "raw"), ScenesScorer)
+    scorer = source_scorer(tmp_path / "raw")
+    assert isinstance(scorer, TruthScorer) and scorer.rules is TRUTH_RULES
 
 
 def test_the_data_differs_from_the_demo(root):
@@ -114,7 +116,7 @@ def test_boxes_lie_inside_the_picture_and_groups_match_the_instances(root):
 
 def test_every_caption_but_gists_names_the_groups_and_the_scorer_agrees(root):
     groups = scenes.load_groups(root / "annotations" / "instances_train2014.json")
-    scorer = ScenesScorer(groups)
+    scorer = TruthScorer(groups, TRUTH_RULES)
     for image_id, captions in _captions(root).items():
         ids = [image_id] * len(captions)
         columns, corpus = scorer.caption_scores(ids, captions)
@@ -162,13 +164,13 @@ def test_parse_caption_reads_counts_colours_and_textures():
 def test_grounding_is_one_when_the_noun_looks_inside_its_box_and_chance_otherwise():
     truth = [{"kind": "ring", "colour": "pink", "texture": "plain", "count": 1,
               "boxes": [[0.0, 0.0, 160.0, 120.0]]}]  # fmt: skip
-    coverage = boxes_coverage(truth[0]["boxes"], 8)
+    coverage = boxes_coverage(truth[0]["boxes"], 8, 320, 240)
     assert coverage.sum() == pytest.approx(16)  # the top left quarter of an 8x8 grid
     caption = "a pink ring on a rug"
     inside = np.zeros((5, 64))
     inside[2] = coverage / coverage.sum()
     uniform = np.full((5, 64), 1 / 64)
-    scorer = ScenesScorer({1: truth})
+    scorer = TruthScorer({1: truth}, TRUTH_RULES)
     assert scorer.attention_scores([1], [caption], [inside]) == {
         "grounding": pytest.approx(1.0),
         "grounding_chance": pytest.approx(0.25),

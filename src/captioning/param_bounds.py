@@ -1,6 +1,6 @@
 """The allowed range of every numeric parameter, and the rules that tie two keys together.
 
-`captioning.config` checks each key's type; this table says which values of
+`captioning.param_checks` checks each key's type; this table says which values of
 that type make sense (a budget above 0, a size of at least 1, a probability in
 [0, 1]), so `train.budget_pairs=-5` fails before anything trains instead of
 training one epoch and registering the result. Keys that are not here take any

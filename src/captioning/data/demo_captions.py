@@ -7,19 +7,20 @@ Because those captions come from this small grammar, a caption can be graded
 exactly: `parse_caption` reads the (kind, colour, position) triples back out of
 any caption the grammar writes, also after the model's lower-case,
 punctuation-free tokenisation, and `caption_correct` compares them with the
-truth that `load_objects` reads from a demo instances file.
+truth the demo's instance files hold. `TRUTH_RULES` hands both to the scorer
+(`captioning.data.scorers.TruthScorer`), with the box each mention names.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 
-from captioning.data.demo_scenes import POSITION_CELLS, POSITIONS, pick
+from captioning.data.demo_scenes import IMAGE_SIZE, POSITION_CELLS, POSITIONS
+from captioning.data.drawing import pick
+from captioning.data.scorers import TruthRules, box_coverage
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -240,21 +241,24 @@ def caption_correct(caption: str, objects: list[dict]) -> bool:
     return collections.Counter(parse_caption(caption)) == truth
 
 
-def load_objects(instances_json_path: str | Path) -> dict[int, list[dict]]:
-    """image_id -> [{kind, colour, size, position, bbox}] from a demo instances file."""
-    with open(instances_json_path, encoding="utf-8") as fh:
-        instances = json.load(fh)
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    objects: dict[int, list[dict]] = {img["id"]: [] for img in instances["images"]}
-    for ann in instances["annotations"]:
-        attributes = ann["attributes"]
-        objects[ann["image_id"]].append(
-            {
-                "kind": names[ann["category_id"]],
-                "colour": attributes["colour"],
-                "size": attributes["size"],
-                "position": attributes["position"],
-                "bbox": list(ann["bbox"]),
-            }
-        )
-    return objects
+def _mentions(caption: str) -> list[Triple]:
+    """The triple of every shape noun, in order (a mention without a kind has no noun)."""
+    return [triple for triple in parse_caption(caption) if triple[0] is not None]
+
+
+def _regions(objects: list[dict]) -> dict[Triple, list[list[float]]]:
+    return {(o["kind"], o["colour"], o["position"]): [o["bbox"]] for o in objects}
+
+
+def _coverage(boxes: list[list[float]], grid: int):
+    return box_coverage(boxes[0], grid, IMAGE_SIZE, IMAGE_SIZE)  # one object, one box
+
+
+# How `captioning.data.scorers.TruthScorer` grades and grounds demo captions.
+TRUTH_RULES = TruthRules(
+    nouns=frozenset(_KIND_OF),
+    caption_correct=caption_correct,
+    mentions=_mentions,
+    regions=_regions,
+    coverage=_coverage,
+)

@@ -3,20 +3,21 @@
 `sample_objects` draws one to three objects (circle, square, triangle or star;
 five colours; two sizes), each inside its own grid cell, and `render_scene`
 paints them with shading, a soft shadow and a surface pattern per kind over a
-noisy, textured background, as a 299x299 RGB array; `jpeg_bytes` encodes it.
-Every random choice comes from the generator passed in, so a seeded generator
-gives the same picture on every machine. `captioning.data.demo_captions`
-describes these objects in words, and `captioning.data.demo` writes whole data
-sets of them.
+noisy, textured background, as a 299x299 RGB array, with the helpers it
+shares with the scenes data set (`captioning.data.drawing`). Every random
+choice comes from the generator passed in, so a seeded generator gives the
+same picture on every machine. `captioning.data.demo_captions` describes these
+objects in words, and `captioning.data.demo` writes whole data sets of them.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from captioning.data.drawing import add_grain, pick, token_mask
 
 KINDS = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -40,11 +41,6 @@ FILL_RGB = {
 _RADIUS = {"small": (26.0, 32.0), "large": (38.0, 46.0)}
 _RIM, _STRIPE, _DOT = 6, 7, 6  # pattern sizes in pixels (square rim, stripe period, dot period)
 _ACCENT_LIGHT, _ACCENT_DARK = (240.0, 240.0, 235.0), (25.0, 25.0, 30.0)
-
-
-def pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str:
-    """One of `options`, uniformly: the one kind of random choice the scenes and captions make."""
-    return options[int(rng.integers(len(options)))]
 
 
 def _outline(kind: str, radius: float, rng: np.random.Generator) -> np.ndarray:
@@ -142,15 +138,8 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
 def _paint(img: np.ndarray, obj: dict, rng: np.random.Generator) -> None:
     """Draw one object (soft shadow, shaded fill, anti-aliased edge) into img in place."""
-    supersample, pad = 4, 10
     points = obj["points"]
-    x0, y0 = np.maximum(np.floor(points.min(0)).astype(int) - pad, 0)
-    x1, y1 = np.minimum(np.ceil(points.max(0)).astype(int) + pad, IMAGE_SIZE)
-    mask = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
-    ImageDraw.Draw(mask).polygon(
-        [((x - x0) * supersample, (y - y0) * supersample) for x, y in points], fill=255
-    )
-    mask = mask.reduce(supersample)  # box filter = anti-aliasing
+    (x0, y0, x1, y1), mask = token_mask([points], 10, IMAGE_SIZE, IMAGE_SIZE, supersample=4)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255  # (h, w, 1)
     blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(2.5)), dtype=np.float32) / 255
     dx, dy = (int(v) for v in rng.integers(2, 5, 2))
@@ -195,19 +184,4 @@ def render_scene(objects: list[dict], rng: np.random.Generator) -> np.ndarray:
     img = _background(rng)
     for obj in objects:
         _paint(img, obj, rng)
-    # Sensor-like grain; uniform noise looks the same and draws ~4x faster than normal noise.
-    img += rng.uniform(7, 15) * (rng.random(img.shape, dtype=np.float32) - 0.5)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(pixels: np.ndarray) -> bytes:
-    """The picture as a quality-90 JPEG file's bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def polygon_area(points: np.ndarray) -> float:
-    """Area inside the polygon [m, 2] (shoelace formula), in square pixels."""
-    x, y = points[:, 0], points[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    return add_grain(img, rng, 7, 15)

@@ -12,7 +12,10 @@ upper-case, with or without a full stop, sometimes as " ." the way Flickr8k's
 tokenised text ends. `parse_caption` reads the (kind, colour, count, texture)
 groups back out of any caption `describe` writes (also after lower-casing and
 punctuation removal), and `caption_correct` grades a caption against a
-scene's groups.
+scene's groups. `TRUTH_RULES` hands both to the scorer
+(`captioning.data.scorers.TruthScorer`): a gist caption that names only the
+biggest group is wrong, as it should be for a model, and a noun is grounded
+in the union of its group's boxes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from captioning.data.scenes_drawing import pick
+from captioning.data.drawing import pick
+from captioning.data.scenes_drawing import HEIGHT, WIDTH
+from captioning.data.scorers import TruthRules, boxes_coverage
 
 CAPTIONS_PER_IMAGE = 5
 
@@ -244,3 +249,28 @@ def caption_correct(caption: str, groups: list[dict]) -> bool:
     ):
         return False
     return all(g.texture in (None, truth[g.kind, g.colour]["texture"]) for g in said)
+
+
+def _mentions(caption: str) -> list[tuple[str, str | None]]:
+    return [(g.kind, g.colour) for g in parse_caption(caption)]
+
+
+def _regions(groups: list[dict]) -> dict[tuple[str, str | None], list[list[float]]]:
+    return {(g["kind"], g["colour"]): g["boxes"] for g in groups}
+
+
+def _coverage(boxes: list[list[float]], grid: int):
+    # The picture is 4:3 and the feature map square: boxes are measured in
+    # fractions of the width and height, as the features stage stretches the picture.
+    return boxes_coverage(boxes, grid, WIDTH, HEIGHT)
+
+
+# How `captioning.data.scorers.TruthScorer` grades and grounds scenes captions:
+# a group's mention looks at the union of its tokens' boxes.
+TRUTH_RULES = TruthRules(
+    nouns=frozenset(_KIND_OF),
+    caption_correct=caption_correct,
+    mentions=_mentions,
+    regions=_regions,
+    coverage=_coverage,
+)

@@ -8,18 +8,20 @@ are crosses, diamonds, hexagons, arrows and rings in orange, pink, cyan,
 brown, white or black, plain or striped, spotted or checkered, instead of the
 demo's shapes and colours; and they come in groups of one to three identical
 tokens placed anywhere (not on a 3x3 grid), so captions count them and relate
-groups to each other. `sample_scene` draws the groups, `render_scene` paints
-them, `jpeg_bytes` encodes the picture. Every random choice comes from the
-generator passed in, so a seed gives the same picture everywhere.
+groups to each other. `sample_scene` draws the groups and `render_scene`
+paints them, with the helpers it shares with the demo (`captioning.data.drawing`).
+Every random choice comes from the generator passed in, so a seed gives the
+same picture everywhere.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import ImageFilter
+
+from captioning.data.drawing import add_grain, pick, token_mask
 
 WIDTH, HEIGHT = 320, 240
 KINDS = ("cross", "diamond", "hexagon", "arrow", "ring")
@@ -38,11 +40,6 @@ FILL_RGB = {
 _RADIUS = (15.0, 30.0)
 _GAP = 4.0  # pixels between two tokens' enclosing circles
 _PERIOD = 6  # pattern period in pixels (stripes, spots, checks)
-
-
-def pick(rng: np.random.Generator, options) -> str:
-    """One of `options`, uniformly."""
-    return options[int(rng.integers(len(options)))]
 
 
 def _outline(kind: str, radius: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -159,16 +156,7 @@ def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
 
 def _paint(img: np.ndarray, obj: dict, rng: np.random.Generator) -> None:
     """Draw one token (shadow, shaded fill, texture, anti-aliased edge) into img in place."""
-    supersample, pad = 3, 6
-    outline = obj["polygons"][0]
-    x0, y0 = np.maximum(np.floor(outline.min(0)).astype(int) - pad, 0)
-    x1, y1 = np.minimum(np.ceil(outline.max(0)).astype(int) + pad, (WIDTH, HEIGHT))
-    mask = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
-    draw = ImageDraw.Draw(mask)
-    for n, polygon in enumerate(obj["polygons"]):
-        shifted = [((x - x0) * supersample, (y - y0) * supersample) for x, y in polygon]
-        draw.polygon(shifted, fill=0 if n else 255)  # later polygons are holes
-    mask = mask.reduce(supersample)
+    (x0, y0, x1, y1), mask = token_mask(obj["polygons"], 6, WIDTH, HEIGHT, supersample=3)
     alpha = np.asarray(mask, np.float32)[..., None] / 255  # (h, w, 1)
     shadow = np.asarray(mask.filter(ImageFilter.GaussianBlur(2.0)), np.float32) / 255
     shadow = np.roll(shadow, (3, 2), axis=(0, 1))
@@ -188,18 +176,4 @@ def render_scene(scene: dict, rng: np.random.Generator) -> np.ndarray:
     img = _backdrop(scene["floor"], rng)
     for obj in scene["objects"]:
         _paint(img, obj, rng)
-    img += rng.uniform(6, 12) * (rng.random(img.shape, dtype=np.float32) - 0.5)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(pixels: np.ndarray) -> bytes:
-    """The picture as a quality-90 JPEG file's bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def polygon_area(points: np.ndarray) -> float:
-    """Area inside the polygon [m, 2] (shoelace formula), in square pixels."""
-    x, y = points[:, 0], points[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+    return add_grain(img, rng, 6, 12)

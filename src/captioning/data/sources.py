@@ -1,4 +1,4 @@
-"""Where the raw data comes from: generate the demo, point at a local folder, or download.
+"""Where the raw data comes from: generate a synthetic set, point at a local folder, or download.
 
 `prepare_source` is the download stage's one call. Whatever the source, it ends
 with a folder in the COCO 2014 layout and a small `dataset.json` beside it
@@ -14,14 +14,13 @@ from pathlib import Path
 
 from captioning.atomic_files import write_if_changed
 from captioning.config import DataParams
-from captioning.data.demo import generate_demo
-from captioning.data.demo_captions import load_objects
-from captioning.data.demo_scoring import DemoScorer
-from captioning.data.scenes import generate_scenes, load_groups
-from captioning.data.scenes_scoring import ScenesScorer
+from captioning.data import demo, scenes
 from captioning.data.scorers import SourceScorer
+from captioning.data.synthetic import SyntheticSource, generate
 
 REF_NAME = "dataset.json"
+# The sources written offline, at data.demo_train_images / demo_val_images and data.seed.
+GENERATED: dict[str, SyntheticSource] = {"demo": demo.SOURCE, "scenes": scenes.SOURCE}
 LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
 
 
@@ -43,12 +42,10 @@ def prepare_source(params: DataParams, raw_dir: str | Path) -> Path:
     """Make the data of `params.source` available under `raw_dir`; returns the layout root."""
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
-    if params.source == "demo":
-        root = raw_dir / "demo"
-        generate_demo(root, params.demo_train_images, params.demo_val_images, params.seed)
-    elif params.source == "scenes":  # a second generated set, at the demo's sizes and seed
-        root = raw_dir / "scenes"
-        generate_scenes(root, params.demo_train_images, params.demo_val_images, params.seed)
+    if params.source in GENERATED:
+        root = raw_dir / params.source
+        source = GENERATED[params.source]
+        generate(source, root, params.demo_train_images, params.demo_val_images, params.seed)
     elif params.source == "local":
         if not params.path:
             raise SourceError("data.source is 'local' but data.path is not set")
@@ -85,35 +82,15 @@ def read_dataset_ref(raw_dir: str | Path) -> dict:
 def source_scorer(raw_dir: str | Path) -> SourceScorer | None:
     """The current source's own scorer (`captioning.data.scorers`), or None when it has none.
 
-    Only the generated sources have one: their scenes are known exactly (every
-    object's kind, colour, position or group, and box).
+    Only the generated sources have one (`captioning.data.scorers.TruthScorer`):
+    their scenes are known exactly (every object's kind, colour, place and box).
     """
     dataset = read_dataset_ref(raw_dir)
     factory = SCORERS.get(dataset["source"])
     return factory(Path(dataset["root"])) if factory else None
 
 
-def demo_scorer(root: Path) -> DemoScorer:
-    """The demo's scorer, from the object truth of both splits' instance files."""
-    annotations = root / "annotations"
-    return DemoScorer(
-        {
-            **load_objects(annotations / "instances_train2014.json"),
-            **load_objects(annotations / "instances_val2014.json"),
-        }
-    )
-
-
-def scenes_scorer(root: Path) -> ScenesScorer:
-    """The scenes' scorer, from the groups of both splits' instance files."""
-    annotations = root / "annotations"
-    return ScenesScorer(
-        {
-            **load_groups(annotations / "instances_train2014.json"),
-            **load_groups(annotations / "instances_val2014.json"),
-        }
-    )
-
-
 # A source that knows more about its images than their captions registers its scorer here.
-SCORERS: dict[str, Callable[[Path], SourceScorer]] = {"demo": demo_scorer, "scenes": scenes_scorer}
+SCORERS: dict[str, Callable[[Path], SourceScorer]] = {
+    name: source.scorer for name, source in GENERATED.items()
+}

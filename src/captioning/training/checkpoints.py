@@ -40,12 +40,15 @@ def code_fingerprint() -> str:
     """Hash of the modules that decide what training computes: a resume needs the same code.
 
     The model, training and evaluation subpackages (the val captions are scored
-    there), config (they are decoded with evaluate's defaults) and the data
-    sources' own scorers.
+    there), config and its checks (they are decoded with evaluate's defaults)
+    and the data sources' own scorers: the truth scorer, the generated sources
+    and their grammars.
     """
     package = Path(__file__).resolve().parent.parent
-    files = [package / "config.py", package / "data" / "scorers.py"]
-    files += sorted((package / "data").glob("demo_*.py"))
+    files = [package / "config.py", package / "param_checks.py"]
+    data = package / "data"
+    files += [data / name for name in ("scorers.py", "sources.py", "synthetic.py", "drawing.py")]
+    files += sorted(data.glob("demo*.py")) + sorted(data.glob("scenes*.py"))
     for folder in ("model", "training", "evaluation"):
         files += sorted((package / folder).glob("*.py"))
     digest = hashlib.sha256()
