@@ -208,3 +208,25 @@ def test_batch_captions_equal_captioning_caption_and_bad_files_give_error_rows(
                                "models:/image-captioner@champion")  # fmt: skip
     assert (again.captioned, again.failed, again.skipped) == (0, 0, len(good) + len(broken))
     assert len(_rows(out)) == len(rows)
+
+
+def test_a_worker_loads_the_model_once_and_checks_images_without_tensorflow(registered):
+    """Spark's local mode loads the pyfunc per task: the second load in a process is free.
+
+    The image check runs in its own Python worker, which must not pay for TensorFlow.
+    """
+    import subprocess
+    import sys
+
+    import mlflow.pyfunc
+
+    first, second = (
+        mlflow.pyfunc.load_model("models:/image-captioner@champion").unwrap_python_model()
+        for _ in range(2)
+    )
+    assert first is not second and first.captioner is second.captioner
+    probe = "import sys, captioning.serving.batch, captioning.serving.request_checks; "
+    probe += "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    assert imported.strip() == "[]"

@@ -31,7 +31,7 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 # Inputs per Spark append job: each is committed whole, so a kill loses at most
-# one chunk's work, while the model is loaded once per task of each chunk.
+# one chunk's work, while each chunk pays a few Spark jobs' overhead (seconds).
 DEFAULT_CHUNK_SIZE = 5000
 PATH_COLUMN = "path"  # binaryFile's column; the output's id column for file inputs
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -95,7 +95,7 @@ def image_error(data: bytes | None, config: dict) -> str | None:
     from mlflow.exceptions import MlflowException
 
     from captioning.data.images import ImageReadError, decode_image
-    from captioning.serving.pyfunc import ServingConfig, decode_base64_image
+    from captioning.serving.request_checks import ServingConfig, decode_base64_image
 
     if data is None:  # Spark's file scan drops empty files; a Parquet cell may be null
         return "empty_file: no image bytes"
@@ -223,6 +223,8 @@ def caption_collection(
     done = _done_ids(spark, output, id_name, pinned)
     todo = sorted(every - done)
     log.info("batch: %d to caption, %d already done with %s", len(todo), len(every & done), pinned)
+    if not todo:  # spark_udf would download the model for nothing
+        return BatchSummary(pinned, version, 0, 0, len(every & done))
     model = mlflow.pyfunc.spark_udf(
         spark,
         pinned,
