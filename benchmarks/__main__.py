@@ -6,18 +6,14 @@ process on one machine and one temporary workspace, prints each result as it
 finishes and then every figure in one markdown table, and writes the report
 (machine facts, sizes, each benchmark's figures, checks, rows, notes, wall time
 and load average) to `--out`: JSON, or markdown when the name ends in `.md`.
-`--quick` shrinks the data sizes (not the model) for a short run; `--smoke`
-shrinks the model and images too, so a test runs every benchmark in seconds
-(its figures mean nothing); on a GPU the full run uses bigger sizes.
-`--workspace DIR` keeps the workspace (demo data, --smoke's tiny pipeline)
-instead of a temporary folder. `--list` shows every benchmark and `--help`
-their options. Run it from the repository root: `benchmarks` is not installed.
+`--quick` shrinks the data sizes (not the model) for a smoke run; on a GPU the
+full run uses bigger sizes. `--list` shows every benchmark and `--help` their
+options. Run it from the repository root: `benchmarks` is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -27,16 +23,7 @@ from pathlib import Path
 
 from benchmarks.harness import machine_info, markdown_table
 from benchmarks.registry import BY_NAME, REGISTRY
-from benchmarks.workspace import (
-    BENCH_REPORT,
-    FULL,
-    GPU_SIZES,
-    QUICK,
-    REPO_ROOT,
-    SMOKE,
-    VOCAB_SIZE,
-    Workspace,
-)
+from benchmarks.workspace import BENCH_REPORT, FULL, GPU_SIZES, QUICK, VOCAB_SIZE, Workspace
 from captioning.data.text import SPECIAL_TOKENS
 
 
@@ -49,17 +36,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"benchmarks to run: {', '.join(BY_NAME)} (default: "
         f"{', '.join(b.name for b in REGISTRY if b.default)}); commas work too",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="small data sizes: a short run")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and models: a test run")
-    parser.add_argument(
-        "--workspace", type=Path, help="keep the workspace here (default: a temp dir)"
-    )
+    parser.add_argument("--quick", action="store_true", help="small data sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=BENCH_REPORT, help="report file (.json or .md)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument(
-        "--vocab-size", type=int,
+        "--vocab-size", type=int, default=VOCAB_SIZE,
         help=f"vocabulary of the synthetic models ({VOCAB_SIZE} = the tokenize stage's "
-        f"vocab_size + {len(SPECIAL_TOKENS)} specials; --smoke: {SMOKE.vocab_size})",
+        f"vocab_size + {len(SPECIAL_TOKENS)} specials)",
     )  # fmt: skip
     seen = set()
     for bench in REGISTRY:
@@ -82,18 +65,10 @@ def _selected(parser: argparse.ArgumentParser, names: list[str]) -> list[str]:
 def run(names: list[str], options: argparse.Namespace) -> dict:
     """Run the named benchmarks in one workspace; return the JSON-ready report."""
     machine = machine_info()
-    sizes = (
-        SMOKE
-        if options.smoke
-        else QUICK
-        if options.quick
-        else GPU_SIZES
-        if machine["gpu"]
-        else FULL
-    )
+    sizes = QUICK if options.quick else GPU_SIZES if machine["gpu"] else FULL
     report = {
-        "mode": "smoke" if options.smoke else "quick" if options.quick else "full",
-        "vocab_size": options.vocab_size or sizes.vocab_size,
+        "quick": options.quick,
+        "vocab_size": options.vocab_size,
         "sizes": dataclasses.asdict(sizes),
         "machine": machine,
         "benchmarks": {},
@@ -102,12 +77,8 @@ def run(names: list[str], options: argparse.Namespace) -> dict:
         f"machine: {machine['cpu']} x {machine['cpus']}, GPU {machine['gpu']}; load average "
         f"{machine['load_average']:.2f} at start (timings on a busy machine are noisy)"
     )
-    with contextlib.ExitStack() as stack:
-        root = options.workspace or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="captioning-bench-"))
-        )
-        root.mkdir(parents=True, exist_ok=True)
-        ws = Workspace(root.resolve(), sizes, options)
+    with tempfile.TemporaryDirectory(prefix="captioning-bench-") as tmp:
+        ws = Workspace(Path(tmp), sizes, options)
         for name in names:
             load_before, started = os.getloadavg()[0], time.perf_counter()
             result = BY_NAME[name].function()(ws)
@@ -130,13 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         for bench in REGISTRY:
             print(f"{bench.name:<17} {'default ' if bench.default else ''}{bench.summary}")
         return
-    if options.vocab_size is not None and options.vocab_size <= len(SPECIAL_TOKENS):
+    if options.vocab_size <= len(SPECIAL_TOKENS):
         parser.error(f"--vocab-size must be more than {len(SPECIAL_TOKENS)}")
     names = _selected(parser, options.names)
-    if "decoders" in names and (options.project or not options.smoke):  # before any runs
+    if "decoders" in names:  # check before any benchmark runs, not after the others
         from benchmarks.decoders import decoder_inputs
 
-        decoder_inputs(options.project or REPO_ROOT, options.model)
+        decoder_inputs(options.project, options.model)
     report = run(names, options)
     table = markdown_table(report)
     print("\n" + table)

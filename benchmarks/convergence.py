@@ -19,8 +19,7 @@ train.KEY=VALUE` sets another `train` param for every run, e.g.
 finished run is appended to `--results` at once (a JSON list), so a long
 sweep that is stopped keeps what it measured; a run already there is not
 repeated. The per-epoch histories are copied next to it. `--quick` runs one
-seed of one 24-image project at the pipeline tests' tiny sizes (`--smoke`: 8
-images at 75 px).
+seed of one 24-image project at the pipeline tests' tiny sizes.
 docs/experiments.md has the table.
 """
 
@@ -37,15 +36,23 @@ from pathlib import Path
 import yaml
 
 from benchmarks.harness import Result
-from benchmarks.workspace import REPO_ROOT, SMOKE_PARAMS, TINY_PARAMS, merged_params
+from benchmarks.workspace import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_SCRATCH = Path("/tmp/captioning-convergence")
+DEFAULT_RESULTS = REPO_ROOT / "reports" / "convergence.json"
 COPIED = ("dvc.yaml", "params.yaml", "stages", "src")
 QUICK_SIZE = 24
+QUICK_PARAMS = {  # as tests/pipeline_fixtures.py's TINY_PARAMS: the pipeline in a minute or two
+    "data": {"demo_val_images": 12},
+    "features": {"batch_size": 8, "shard_size": 16},
+    "train": {"budget_pairs": 32, "epoch_pairs": 16, "batch_size": 16, "units": 32,
+              "attention_units": 32, "embedding_dim": 16, "encoder_dim": 16},
+    "evaluate": {"batch_size": 8},
+}  # fmt: skip
 
 
-def prepare(root: Path, train_images: int, changes: dict[str, dict]) -> None:
+def prepare(root: Path, train_images: int, quick: bool) -> None:
     """A DVC project with `train_images` demo images, run up to tokenize (skipped when done)."""
     if (root / "data" / "tokens" / "vocab.json").exists():
         return
@@ -60,7 +67,10 @@ def prepare(root: Path, train_images: int, changes: dict[str, dict]) -> None:
             shutil.copy2(source, target)
     if not (root / ".dvc").exists():
         dvc(root, "init", "--no-scm", "-q")
-    set_params(root, merged_params(changes, {"data": {"demo_train_images": train_images}}))
+    changes = QUICK_PARAMS if quick else {}
+    set_params(
+        root, {**changes, "data": {**changes.get("data", {}), "demo_train_images": train_images}}
+    )
     dvc(root, "repro", "tokenize")
 
 
@@ -173,13 +183,10 @@ def bench_convergence(ws) -> Result:
         for row in replay_table(o.replay, o.replay_budget):
             result.add_row({"run": f"{row.pop('history')}: {row.pop('rule')}", **row})
         return result
-    sizes, seeds, scales = o.sizes, o.seeds, o.scale
-    changes = SMOKE_PARAMS if ws.smoke else TINY_PARAMS if ws.quick else {}
-    if ws.quick:  # one seed of one tiny project
-        sizes, seeds, scales = [changes["data"].get("demo_train_images", QUICK_SIZE)], [42], [1.0]
+    sizes, seeds, scales = ([QUICK_SIZE], [42], [1.0]) if ws.quick else (o.sizes, o.seeds, o.scale)
     scratch = o.scratch or (ws.root / "convergence" if ws.quick else DEFAULT_SCRATCH)
-    results = o.results or ws.default_results("convergence")
-    extra = {k: v for section, k, v in o.overrides if section == "train"}
+    results = o.results or (ws.root / "convergence.json" if ws.quick else DEFAULT_RESULTS)
+    extra = dict(o.overrides)
     done = json.loads(results.read_text()) if results.exists() else []
     # Default budget with every seed, larger ones with the first: seed spread and budget gain.
     plan = [(s, 1.0, seed) for s in sizes for seed in seeds if 1.0 in scales]
@@ -188,7 +195,7 @@ def bench_convergence(ws) -> Result:
     result = Result(f"convergence: test scores of train + evaluate, {len(plan)} runs, {extra}")
     for size, scale, seed in plan:
         root = scratch / f"demo{size}"
-        prepare(root, size, changes)
+        prepare(root, size, ws.quick)
         base = yaml.safe_load((root / "params.yaml").read_text())["train"]["budget_pairs"]
         key = {"train_images": size, "budget_pairs": int(base * scale), "seed": seed, **extra}
         row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)

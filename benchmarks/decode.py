@@ -15,12 +15,13 @@ import tensorflow as tf
 
 from benchmarks.flops import add_utilisation, captioner_flops
 from benchmarks.harness import Result, seconds
-from benchmarks.workspace import Sizes, Workspace, fake_features
+from benchmarks.workspace import EVALUATE_BATCH, Sizes, Workspace, fake_features, tutorial_model
 from captioning.data.text import END_ID, PAD_ID, START_ID
 from captioning.model.captioner import Captioner
 from captioning.model.decode import CaptionDecoder
 
 DECODE_MAX_LEN = 20
+DECODE_BATCHES = (EVALUATE_BATCH, 256)  # the evaluate stage's batch, and a bigger one
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -70,10 +71,13 @@ def word_matmuls(model: Captioner, batch: int):
 # ----------------------------------------------------------------------------- decode
 
 
-def _model_that_never_ends(ws: Workspace) -> Captioner:
-    """An untrained model that never picks <pad>, <start> or <end>: every caption is
-    max_len words, so every way of decoding does the same work per caption."""
-    model = ws.model()
+def _model_that_never_ends(vocab_size: int) -> Captioner:
+    """An untrained tutorial-size model that never picks <pad>, <start> or <end>.
+
+    Untrained, it may pick <end> (or <pad>) at any step; forbidding those makes
+    every caption max_len words, so every way of decoding does the same work per caption.
+    """
+    model = tutorial_model(vocab_size)
     bias = model.decoder.fc2.bias.numpy()
     bias[[PAD_ID, START_ID, END_ID]] = -1e9
     model.decoder.fc2.bias.assign(bias)
@@ -87,18 +91,17 @@ def _timed_rounds(
 
     Rounds alternate the ways, so a change in the machine's load hits all of them.
     """
-    batches = sizes.decode_batches
-    matmuls = {size: word_matmuls(model, size) for size in batches}
-    batched_s, matmuls_s = dict.fromkeys(batches, 0.0), dict.fromkeys(batches, 0.0)
+    matmuls = {size: word_matmuls(model, size) for size in DECODE_BATCHES}
+    batched_s, matmuls_s = dict.fromkeys(DECODE_BATCHES, 0.0), dict.fromkeys(DECODE_BATCHES, 0.0)
     single_s = 0.0
     for _ in range(sizes.decode_repeats):
-        for size in batches:
+        for size in DECODE_BATCHES:
             batched_s[size] += seconds(lambda size=size: batched(size))
             matmuls_s[size] += matmuls[size](DECODE_MAX_LEN)  # one batch of captions' worth
         single_s += seconds(lambda: single(per_round))
     rounds = sizes.decode_repeats
-    rate = {size: rounds * size / batched_s[size] for size in batches}
-    matmul_rate = {size: rounds * size / matmuls_s[size] for size in batches}
+    rate = {size: rounds * size / batched_s[size] for size in DECODE_BATCHES}
+    matmul_rate = {size: rounds * size / matmuls_s[size] for size in DECODE_BATCHES}
     return rate, rounds * per_round / single_s, matmul_rate
 
 
@@ -125,22 +128,22 @@ def _add_decode_utilisation(
 ) -> None:
     """FLOPs per caption and share of the peak, batched; and the GFLOP/s of the matmuls alone."""
     per_caption = captioner_flops(model).forward(DECODE_MAX_LEN)
-    rates = {f"batched greedy, batch {size}": rate[size] for size in rate}
+    rates = {f"batched greedy, batch {size}": rate[size] for size in DECODE_BATCHES}
     what = f"caption ({DECODE_MAX_LEN} words, forward)"
     add_utilisation(result, ws.peak_gflops(), ws.sizes.peak_matmul, per_caption, rates, what)
     per_row = _word_matmul_flops(model) * DECODE_MAX_LEN
-    for size in matmul_rate:
+    for size in DECODE_BATCHES:
         result.add(f"matmuls alone, batch {size}", per_row * matmul_rate[size] / 1e9, "GFLOP/s")
 
 
 def bench_decode(ws: Workspace) -> Result:
     sizes, vocab = ws.sizes, ws.vocab_size
-    small, big = sizes.decode_batches
+    small, big = DECODE_BATCHES
     result = Result(
-        f"decode: greedy captions/s, max_len {DECODE_MAX_LEN}, vocab {vocab} "
+        f"decode: greedy captions/s, max_len {DECODE_MAX_LEN}, tutorial sizes, vocab {vocab} "
         f"(batch {small} and {big} vs one image at a time, same CaptionDecoder)"
     )
-    model = _model_that_never_ends(ws)
+    model = _model_that_never_ends(vocab)
     features = fake_features(np.random.default_rng(0), big)
     decoder = CaptionDecoder(model)
 
@@ -164,12 +167,12 @@ def bench_decode(ws: Workspace) -> Result:
 
     ratio = f"batched (batch {small}) / one at a time (per caption)"
     result.add("mean caption length (words)", float(np.mean(lengths)), "")
-    for size in sizes.decode_batches:
+    for size in DECODE_BATCHES:
         result.add(f"batched greedy, batch {size}", rate[size], "captions/s")
     result.add("one image at a time", single_rate, "captions/s")
     result.add(ratio, rate[small] / single_rate, "x")
     result.add(f"batch {big} / batch {small}", rate[big] / rate[small], "x")
-    for size in sizes.decode_batches:  # if a batch did nothing but its matmuls
+    for size in DECODE_BATCHES:  # if a batch did nothing but its matmuls, at the speed measured
         ceiling = matmul_rate[size] / single_rate
         result.add(f"ceiling: batch {size} matmuls alone / one at a time", ceiling, "x")
     result.add("tutorial eager loop, one image", eager_rate, "captions/s")

@@ -18,27 +18,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from benchmarks.harness import BatchClock, Result, Timing, seconds, timed
-from benchmarks.selection_data import Prepared, train_model
 from benchmarks.workspace import CAPTION_TABLE, FEATURES_DIR, MODEL_FILE, PARAMS_FILE, RAW_DIR
 from captioning.config import TrainParams, from_dict, load_section
 from captioning.data.sources import REF_NAME, source_scorer
+from captioning.data.text import Vocabulary
 from captioning.evaluation.evaluate import decode_images, evaluate_split, references_by_image
 from captioning.features import INDEX_FILE, FeatureStore
 from captioning.model.captioner import load_captioner
 from captioning.model.decode import CaptionDecoder
 from captioning.serving.inference import ImageCaptioner
+from captioning.training.batches import CaptionSet
+from captioning.training.fit import fit_captioner
 
 DECODERS = (("greedy", 1), ("beam", 3), ("beam", 5))  # (method, beam size)
 QUALITY = (
     "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
     "object_accuracy", "grounding", "grounding_chance",
 )  # fmt: skip
+TOKENS_DIR = "data/tokens"
 LATENCY_REPEATS = 10
 
 
@@ -82,7 +86,7 @@ def score_and_time(model, paths, table, settings, limit: int | None, decoder=Non
 
 
 def bench_decoders(ws) -> Result:
-    paths = decoder_inputs(ws.project(), ws.options.model)
+    paths = decoder_inputs(ws.options.project, ws.options.model)
     params = load_section("evaluate", paths["params"])
     table = pd.read_parquet(paths["captions"])
     model = load_captioner(str(paths["model"]))
@@ -92,7 +96,7 @@ def bench_decoders(ws) -> Result:
         f"(max_len {params.max_len}, batch {params.batch_size}), {paths['model']}"
     )
     limit = ws.sizes.decoders_images
-    with contextlib.chdir(ws.project()):  # the pipeline's files name each other from there
+    with contextlib.chdir(ws.options.project):  # the pipeline's files name each other from there
         for method, beam_size in DECODERS:
             settings = dataclasses.replace(params, decoder=method, beam_size=beam_size)
             row = score_and_time(model, paths, table, settings, limit, decoder)
@@ -112,8 +116,18 @@ def bench_decoders(ws) -> Result:
 
 def _train(project: Path, params: TrainParams, workdir: Path):
     """Fit one decoder on the project's cached features: the model and its training figures."""
+    store, tokens = FeatureStore(project / FEATURES_DIR), project / TOKENS_DIR
+    vocabulary = Vocabulary.from_json((tokens / "vocab.json").read_text())
+    table = pd.read_parquet(project / CAPTION_TABLE)
+    val_rows = table[table["split"] == "val"]
+    references = {int(i): list(g["caption"]) for i, g in val_rows.groupby("image_id")}
+    extractor = json.loads((project / FEATURES_DIR / "extractor.json").read_text())
     clock = BatchClock()
-    model, summary = train_model(Prepared.pipeline(project), params, workdir, [clock])
+    model, summary = fit_captioner(
+        store, vocabulary, CaptionSet.load(tokens, "train"), CaptionSet.load(tokens, "val"),
+        params, extractor, workdir / "checkpoints", workdir / "history.csv", callbacks=[clock],
+        val_references=references, val_scorer=source_scorer(project / RAW_DIR),
+    )  # fmt: skip
     steps = clock.after_first_epoch  # captions_per_image 0 or 1: one caption per row
     return model, {
         "parameters": int(model.count_params()),
@@ -132,11 +146,11 @@ def one_image(project: Path, model) -> Timing:
 
 
 def bench_architectures(ws) -> Result:
-    project = ws.project()
+    project = ws.options.project.resolve()
     paths = decoder_inputs(project, Path(__file__))  # any file stands for the model it trains
     base = load_section("train", paths["params"])
     evaluate = load_section("evaluate", paths["params"])
-    overrides = {k: v for section, k, v in ws.options.overrides if section == "train"}
+    overrides = dict(ws.options.overrides)
     result = Result(f"architectures: {', '.join(ws.options.decoders)} on {project}, {overrides}")
     table = pd.read_parquet(paths["captions"])
     with contextlib.chdir(project):

@@ -37,6 +37,7 @@ from captioning.server_process import ServerProcess, free_port, port_open
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the workers import `benchmarks` from there
 TIMEOUT_S = 600
+QUICK_STEPS, QUICK_BATCH = 4, 16
 
 
 def launch(role_args: list[str], workers: int, logs: Path, timeout_s: float = TIMEOUT_S) -> list:
@@ -120,14 +121,13 @@ def step_worker(data: Path, out: Path, params: dict) -> None:
 
 
 def bench_distributed(ws) -> Result:
-    steps = ws.sizes.steps or ws.options.steps
-    batch = ws.sizes.global_batch or ws.options.global_batch
+    steps = QUICK_STEPS if ws.quick else ws.options.steps
+    batch = QUICK_BATCH if ws.quick else ws.options.global_batch
     data = ws.root / "distributed-data"
     write_data(data, steps * batch, ws.vocab_size)
     base = {  # one epoch of one pass over the data: `steps` steps of the global batch
         "budget_pairs": steps * batch, "epoch_pairs": steps * batch, "batch_size": batch,
         "captions_per_image": 0, "select_by": "val_loss", "distribute": "mirrored",
-        "jit_compile": ws.sizes.jit_compile, **ws.sizes.model,
     }  # fmt: skip
     settings = {
         "one process, global batch": (base, 1),

@@ -133,9 +133,9 @@ def matmul_gflops(
     return best
 
 
-def peak_gflops(size: int = PEAK_SIZE, dtype: tf.DType = tf.float32, seconds: float = 1.0) -> float:
+def peak_gflops(size: int = PEAK_SIZE, dtype: tf.DType = tf.float32) -> float:
     """The machine's peak: best GFLOP/s of (size x size) matmuls over three tries."""
-    return matmul_gflops({"peak": (size, size, size)}, dtype, seconds_per_try=seconds)["peak"]
+    return matmul_gflops({"peak": (size, size, size)}, dtype, seconds_per_try=1.0)["peak"]
 
 
 def add_utilisation(

@@ -240,7 +240,7 @@ def markdown_table(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"{m['cpu']} x {m['cpus']}, GPU {m['gpu']}, TensorFlow {m['tensorflow']}, "
-        f"load average {m['load_average']} at start, mode {report['mode']}",
+        f"load average {m['load_average']} at start, quick={report['quick']}",
         "",
         "| benchmark | figure | value | unit | target |",
         "|---|---|---|---|---|",

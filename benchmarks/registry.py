@@ -6,8 +6,7 @@ of this folder, and one `Benchmark` entry below: its name, that module
 its libraries), a summary, whether a bare `python -m benchmarks` runs it (not
 those that need a trained model, a server, worker processes or a DVC sweep),
 and its command-line flags, read back from `ws.options`. The runner runs the
-named ones in this order. `bench_spark` adapts `benchmarks.spark.spark_figures`
-(a plain function of files and a model) to the runner.
+named ones in this order.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+from benchmarks.workspace import REPO_ROOT
 
 
 def option(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -35,55 +36,27 @@ class Benchmark:
     options: tuple[tuple[tuple[str, ...], dict], ...] = ()
 
     def function(self) -> Callable:
-        module = importlib.import_module(f"benchmarks.{self.module}")
-        return getattr(module, f"bench_{self.name}")
+        return getattr(importlib.import_module(f"benchmarks.{self.module}"), f"bench_{self.name}")
 
 
-def section_override(text: str) -> tuple[str, str, object]:
-    """`train.key=value` or `evaluate.key=value` -> (section, key, YAML value), as `dvc exp run -S`."""
+def train_override(text: str) -> tuple[str, object]:
+    """`train.key=value` -> (key, YAML-parsed value), as `dvc exp run -S` reads it."""
     dotted, _, value = text.partition("=")
     section, _, key = dotted.partition(".")
-    if section not in ("train", "evaluate") or not key:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected train.KEY=VALUE or evaluate.KEY=VALUE"
-        )
-    return section, key, yaml.safe_load(value)
+    if section != "train" or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected train.KEY=VALUE")
+    return key, yaml.safe_load(value)
 
 
 PROJECT = option(
-    "--project", type=Path,
-    help="decoders, architectures: the pipeline folder read (default: this repository; "
-    "--smoke: a tiny one of its own)",
+    "--project", type=Path, default=REPO_ROOT,
+    help="decoders, architectures: the pipeline folder read (default: this repository)",
 )  # fmt: skip
-OVERRIDE = option(
-    "-S", "--set", dest="overrides", action="append", default=[], type=section_override,
-    metavar="SECTION.KEY=VALUE",
-    help="architectures, convergence (train only), selection: a param for every run",
+TRAIN_OVERRIDE = option(
+    "-S", "--set", dest="overrides", action="append", default=[], type=train_override,
+    metavar="train.KEY=VALUE",
+    help="architectures, convergence: another train param for every run (YAML value)",
 )  # fmt: skip
-RESULTS = option(
-    "--results", type=Path,
-    help="convergence, selection: their results file (default reports/NAME.json), "
-    "written after each run so a sweep resumes",
-)  # fmt: skip
-
-
-def bench_spark(ws):
-    """Spark's batch captioning and extraction against one process (benchmarks.spark)."""
-    from benchmarks.harness import Result
-    from benchmarks.spark import spark_figures
-
-    count = 4 if ws.smoke else 16 if ws.quick else 64
-    table = ws.images(count)
-    keras_path, model = ws.pyfunc_model("spark")
-    figures = spark_figures(
-        [Path(p) for p in table["path"]], keras_path, str(model), table,
-        image_size=ws.sizes.image_size, batch_size=ws.sizes.feature_batch,
-    )  # fmt: skip
-    result = Result(f"spark: {count} demo images, local[2] vs one process")
-    for name, value in figures.items():
-        result.add(name, value, "x" if "_over_" in name else "images/s")
-    return result
-
 
 REGISTRY = (
     Benchmark("features", "features", "extract_features end to end vs bare InceptionV3", True),
@@ -104,7 +77,7 @@ REGISTRY = (
         "GRU vs transformer, trained on a tokenized pipeline",
         options=(
             PROJECT,
-            OVERRIDE,
+            TRAIN_OVERRIDE,
             option("--decoders", nargs="+", default=["gru", "transformer"]),
         ),
     ),  # fmt: skip
@@ -139,8 +112,7 @@ REGISTRY = (
         "convergence",
         "test scores by demo size, budget, seed (dvc repro each)",
         options=(
-            OVERRIDE,
-            RESULTS,
+            TRAIN_OVERRIDE,
             option("--sizes", type=int, nargs="+", default=[500, 2000, 4000], help="convergence"),
             option("--scale", type=float, nargs="+", default=[1.0, 2.0], help="convergence"),
             option("--seeds", type=int, nargs="+", default=[42, 43], help="convergence"),
@@ -149,31 +121,15 @@ REGISTRY = (
                 type=Path,
                 help="convergence: the projects' folder (default /tmp/captioning-convergence)",
             ),
+            option(
+                "--results",
+                type=Path,
+                help="convergence: the results list, appended after "
+                "each run, so a sweep resumes (default reports/convergence.json)",
+            ),
             option("--replay", type=Path, nargs="+", help="convergence: history CSVs to replay"),
             option("--replay-budget", type=int, default=60000, help="convergence: their budget"),
         ),
     ),  # fmt: skip
-    Benchmark(
-        "selection",
-        "selection",
-        "val CIDEr of candidate defaults over data sets and seeds (make select)",
-        options=(
-            OVERRIDE,
-            RESULTS,
-            option("--images", type=int, default=1000, help="selection: N (demo: N and 2N)"),
-            option("--repeats", type=int, default=3, help="selection: seeds per candidate"),
-            option("--experiments", nargs="+", help="selection: of its EXPERIMENTS (default all)"),
-            option(
-                "--data-sets",
-                nargs="+",
-                default=["demo", "demo2x", "scenes"],
-                help="selection: of demo, demo2x, scenes",
-            ),
-            option("--candidates", nargs="*", default=[], help="selection: keep only these"),
-            option("--cache", type=Path, help="selection: runs' cache (default data/selection)"),
-        ),
-    ),  # fmt: skip
-    Benchmark("serve_memory", "serve_memory", "served model RSS under 16 clients x 16 photos"),
-    Benchmark("spark", "registry", "Spark batch captioning and extraction vs one process"),
 )
 BY_NAME = {b.name: b for b in REGISTRY}

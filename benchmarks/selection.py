@@ -1,20 +1,32 @@
 """The selection protocol (issue 26): a default changes only where it wins on several data sets.
 
-`python -m benchmarks selection [--images N] [--experiments decoder,...]` (`make
-select`). For every data set (`selection_data.data_sets`: the demo at N and 2N
-images, the scenes source at N), every experiment (named candidates, each a set
-of params.yaml `train`/`evaluate` overrides, the default first) and every seed
-(`train.seed` + 0, 1, 2), the candidate is trained with the train stage's
-`fit_captioner` and scored on the **val** split with `evaluate_split`; the test
-split is never read. Runs that train the same settings share one model, and
-every run is cached, so a killed protocol resumes. A challenger beats the
-default on a data set when the means of val CIDEr differ by more than the
-larger seed standard deviation, else it is a tie and the cheaper stays; it
-becomes the default only where it wins on every data set.
+`python -m benchmarks.selection [--quick] [--images N] [--experiments decoder,decoding,...]`
+(`make select` runs the whole protocol).
+
+For every data set (`selection_data.data_sets`: the demo at N and 2N images,
+the scenes source at N), every experiment (a few named candidates, each a set
+of params.yaml `train`/`evaluate` overrides, the current default first) and
+every seed (`train.seed` + 0, 1, 2), the candidate is trained with the train
+stage's own `fit_captioner` and scored on the **val** split with the evaluate
+stage's own `evaluate_split`; the test split is never read. Candidates that
+differ only in decoding share one trained model per seed, and so do
+experiments whose candidates train the same settings (the default is trained
+once per seed and data set). Every run's checkpoint stays in the cache, so a
+killed protocol resumes where it stopped.
+
+Per data set it prints, per candidate, the mean, standard deviation (over
+seeds, ddof=1), min and max of val CIDEr and its mean cost in seconds, and a
+verdict per challenger: "X beats Y by d > spread" when the means differ by
+more than the larger of the two standard deviations, else "tie: keep the
+cheaper Z". Across data sets a challenger wins only where it beats the
+default beyond the spread on every one of them; otherwise it is a tie and the
+cheaper one stays. Everything goes to a JSON (`--out`); `selection()` returns
+the same figures for the benchmarks runner.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -23,15 +35,17 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from benchmarks.harness import Result
-from benchmarks.selection_data import Prepared, data_sets, prepare, train_model
-from benchmarks.workspace import PARAMS_FILE, REPO_ROOT, SMOKE_PARAMS, TINY_TRAIN, merged_params
+from benchmarks.selection_data import Prepared, data_sets, prepare
 from captioning.config import EvaluateParams, TrainParams, from_dict, read_params
 from captioning.data.sources import source_scorer
-from captioning.evaluation.evaluate import evaluate_split
+from captioning.evaluation.evaluate import evaluate_split, references_by_image
 from captioning.features import FeatureStore
+from captioning.training.batches import CaptionSet
+from captioning.training.fit import fit_captioner
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC = "CIDEr"
 KEPT = ("CIDEr", "BLEU-4", "METEOR", "object_accuracy", "grounding", "mean_words")
 
@@ -57,12 +71,17 @@ EXPERIMENTS: dict[str, dict[str, dict]] = {
         "budget30k": {"train": {"budget_pairs": 30000}},
     },
 }
-# --quick: the whole machinery on tiny data; --smoke: less of it, at 75 px.
+# --quick: a smoke run of the whole machinery in well under a minute.
+QUICK_IMAGES = 16
+QUICK_SEEDS = 2
+QUICK_EXPERIMENTS = ("decoder", "decoding")
 QUICK_TRAIN = {
-    **TINY_TRAIN, "budget_pairs": 32, "epoch_pairs": 32, "batch_size": 16, "val_sample_images": 8,
+    "budget_pairs": 32, "epoch_pairs": 32, "batch_size": 16, "val_sample_images": 8,
+    "units": 16, "attention_units": 16, "embedding_dim": 16, "encoder_dim": 16,
+    "transformer_layers": 1, "transformer_heads": 2, "transformer_width": 16, "transformer_ff": 16,
+    "jit_compile": False,  # XLA's compile per model costs more than two steps of a tiny one
 }  # fmt: skip
-QUICK = {"train": QUICK_TRAIN, "evaluate": {"max_len": 12, "batch_size": 16}}
-SMOKE = {**SMOKE_PARAMS, "data": {}}
+QUICK_EVALUATE = {"max_len": 12, "batch_size": 16}
 QUICK_CANDIDATES = {"decoder": ("gru", "transformer"), "decoding": ("greedy", "beam3")}
 
 
@@ -78,16 +97,23 @@ def run_candidate(
     result_file = run_dir / f"val-{_key(dataclasses.asdict(evaluate))}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
+    table = pd.read_parquet(data.table)
+    store = FeatureStore(data.features)
+    scorer = source_scorer(data.raw)
     trained_file = run_dir / "trained.json"
     start = time.perf_counter()
-    model, summary = train_model(data, train, run_dir)
+    model, summary = fit_captioner(
+        store, data.vocabulary(), CaptionSet.load(data.tokens, "train"),
+        CaptionSet.load(data.tokens, "val"), train, data.extractor_spec(),
+        run_dir / "checkpoints", run_dir / "history.csv",
+        val_references=references_by_image(table, "val"), val_scorer=scorer,
+    )  # fmt: skip
     if not trained_file.is_file():  # a model already trained keeps its first training time
         seconds = round(time.perf_counter() - start, 1)
         trained_file.write_text(json.dumps({"train_seconds": seconds, "summary": summary}))
     trained = json.loads(trained_file.read_text())
     start = time.perf_counter()
-    table, store = pd.read_parquet(data.table), FeatureStore(data.features)
-    scored = evaluate_split(model, store, table, evaluate, source_scorer(data.raw))
+    scored = evaluate_split(model, store, table, evaluate, scorer)
     figures = {
         **{k: round(float(scored.corpus[k]), 4) for k in KEPT if k in scored.corpus},
         "seed": train.seed,
@@ -147,33 +173,33 @@ def selection(
     experiments: dict[str, dict[str, dict]],
     seeds: int,
     kinds: list[str],
-    changes: dict[str, dict] | None = None,
-    params_file: Path = REPO_ROOT / PARAMS_FILE,
+    train_overrides: dict | None = None,
+    evaluate_overrides: dict | None = None,
+    params_file: Path = REPO_ROOT / "params.yaml",
 ) -> dict:
-    """Run the protocol; {"data_sets": {name: {experiment: {...}}}, "overall": {...}}.
-
-    `changes`: params.yaml sections' overrides for every candidate (train, evaluate, features).
-    """
-    changes = changes or {}
-    params = merged_params(read_params(params_file), changes)
-    base_train, base_evaluate = params["train"], {**params["evaluate"], "split": "val"}
+    """Run the protocol; {"data_sets": {name: {experiment: {...}}}, "overall": {...}}."""
+    params = read_params(params_file)
+    base_train = {**params["train"], **(train_overrides or {})}
+    base_evaluate = {**params["evaluate"], **(evaluate_overrides or {}), "split": "val"}
     extractors: dict = {}
-    settings = {"images": images, "seeds": seeds, "metric": f"val {METRIC}", **changes}
-    results: dict = {"settings": settings, "data_sets": {}, "overall": {}}
+    results: dict = {"settings": {"images": images, "seeds": seeds, "metric": f"val {METRIC}",
+                                  "train": train_overrides or {}, "evaluate": evaluate_overrides or {}},
+                     "data_sets": {}, "overall": {}}  # fmt: skip
     for name, data in data_sets(images, kinds).items():
         prepared = prepare(cache / name, data, params, extractors)
         per_experiment = {}
         for experiment, candidates in experiments.items():
             figures = {}
             for candidate, overrides in candidates.items():
-                evaluate = {**base_evaluate, **overrides.get("evaluate", {})}
                 runs = []
                 for offset in range(seeds):
                     train = {**base_train, **overrides.get("train", {})}
                     train["seed"] = int(base_train["seed"]) + offset
                     runs.append(run_candidate(
-                        prepared, cache / name / "runs", from_dict(TrainParams, "train", train),
-                        from_dict(EvaluateParams, "evaluate", evaluate),
+                        prepared, cache / name / "runs",
+                        from_dict(TrainParams, "train", train),
+                        from_dict(EvaluateParams, "evaluate",
+                                  {**base_evaluate, **overrides.get("evaluate", {})}),
                     ))  # fmt: skip
                 figures[candidate] = spread_figures(runs)
             default = next(iter(candidates))
@@ -209,37 +235,59 @@ def print_table(data_set: str, experiment: str, result: dict) -> None:
         print(f"  verdict: {v['text']}")
 
 
-def chosen_experiments(names: list[str], keep: set[str]) -> dict[str, dict[str, dict]]:
-    """EXPERIMENTS by name, with only the `keep` candidates when it is not empty."""
-    if unknown := sorted(set(names) - set(EXPERIMENTS)):
+def _override(text: str) -> tuple[str, str, object]:
+    """`train.key=value` / `evaluate.key=value` -> (section, key, YAML value), as `dvc exp run -S`."""
+    dotted, _, value = text.partition("=")
+    section, _, key = dotted.partition(".")
+    if section not in ("train", "evaluate") or not key:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected train.KEY=VALUE or evaluate.KEY=VALUE"
+        )
+    return section, key, yaml.safe_load(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, 2 seeds")
+    parser.add_argument("--images", type=int, default=1000, help="train images N (demo: N and 2N)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
+    parser.add_argument("--data-sets", default="demo,demo2x,scenes", help="of demo,demo2x,scenes")
+    parser.add_argument("--candidates", default="", help="keep only these candidates (comma list)")
+    parser.add_argument(
+        "-S",
+        dest="overrides",
+        action="append",
+        type=_override,
+        default=[],
+        help="applied to every candidate, e.g. -S train.budget_pairs=6000",
+    )
+    parser.add_argument("--cache", type=Path, default=REPO_ROOT / "data" / "selection")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "selection.json")
+    args = parser.parse_args()  # fmt: skip
+    names = [n for n in args.experiments.split(",") if n]
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
         raise SystemExit(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
-    chosen = {n: EXPERIMENTS[n] for n in names}
-    return {n: {c: o for c, o in cs.items() if not keep or c in keep} for n, cs in chosen.items()}
-
-
-def bench_selection(ws) -> Result:
-    o = ws.options
-    names, keep = o.experiments or list(EXPERIMENTS), set(o.candidates)
-    images, seeds, kinds, changes = o.images, o.repeats, o.data_sets, {}
-    if ws.quick:  # 16 images, 2 seeds, decoder and decoding; --smoke: 8 demo images, decoding
-        images, seeds, changes = (8, 2, SMOKE) if ws.smoke else (16, 2, QUICK)
-        names = ["decoding"] if ws.smoke else list(QUICK_CANDIDATES)
-        kinds = ["demo"] if ws.smoke else kinds
+    experiments = {n: EXPERIMENTS[n] for n in names}
+    train = {k: v for s, k, v in args.overrides if s == "train"}
+    evaluate = {k: v for s, k, v in args.overrides if s == "evaluate"}
+    images, seeds, keep = args.images, args.seeds, {c for c in args.candidates.split(",") if c}
+    if args.quick:
+        images, seeds = QUICK_IMAGES, QUICK_SEEDS
+        train, evaluate = {**QUICK_TRAIN, **train}, {**QUICK_EVALUATE, **evaluate}
+        experiments = {n: EXPERIMENTS[n] for n in QUICK_EXPERIMENTS if n in experiments}
         keep = keep or {c for cs in QUICK_CANDIDATES.values() for c in cs}
-    for section, key, value in o.overrides:
-        changes = merged_params(changes, {section: {key: value}})
-    cache = o.cache or (ws.root / "selection" if ws.quick else REPO_ROOT / "data" / "selection")
-    results = selection(cache, images, chosen_experiments(names, keep), seeds, kinds, changes)
-    out = o.results or ws.default_results("selection")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    result = Result(f"selection: val {METRIC} over {seeds} seeds, {images} images, {kinds}")
-    for data_set, per_experiment in results["data_sets"].items():
-        for experiment, figures in per_experiment.items():
-            for candidate, f in figures["candidates"].items():
-                cells = {k: f[k] for k in ("mean", "std", "min", "max", "seconds")}
-                result.add_row({"run": f"{data_set} {experiment} {candidate}", **cells})
-    for experiment, texts in results["overall"].items():
-        result.notes += [f"overall {experiment}: {text}" for text in texts.values()]
-    result.notes.append(f"every run's figures in {out}; runs cached in {cache}")
-    return result
+    if keep:
+        experiments = {
+            n: {c: o for c, o in cs.items() if c in keep} for n, cs in experiments.items()
+        }
+    results = selection(args.cache, images, experiments, seeds, args.data_sets.split(","),
+                        train, evaluate)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,28 +20,19 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from benchmarks.workspace import CAPTION_TABLE, FEATURES_DIR, RAW_DIR, TOKENS_DIR
 from captioning.atomic_files import atomic_write
 from captioning.config import (
     DataParams,
     FeaturesParams,
     SplitParams,
     TokenizeParams,
-    TrainParams,
     ValidateParams,
     from_dict,
 )
-from captioning.data.sources import prepare_source, source_scorer
+from captioning.data.sources import prepare_source
 from captioning.data.text import Vocabulary, encode_splits
 from captioning.data.validation import validate_dataset
-from captioning.evaluation.evaluate import references_by_image
-from captioning.features import (
-    FeatureStore,
-    build_extractor,
-    extract_features,
-    write_extractor_spec,
-)
-from captioning.training.batches import CaptionSet
+from captioning.features import build_extractor, extract_features, write_extractor_spec
 
 MARKER = "prepared.json"
 
@@ -53,18 +44,6 @@ class Prepared(NamedTuple):
     table: Path
     features: Path
     tokens: Path
-
-    @classmethod
-    def flat(cls, folder: Path) -> Prepared:
-        """The selection cache's layout: everything side by side in `folder`."""
-        return cls(
-            folder / "raw", folder / "captions.parquet", folder / "features", folder / "tokens"
-        )
-
-    @classmethod
-    def pipeline(cls, root: Path) -> Prepared:
-        """dvc.yaml's layout under a project folder `root`."""
-        return cls(root / RAW_DIR, root / CAPTION_TABLE, root / FEATURES_DIR, root / TOKENS_DIR)
 
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.from_json((self.tokens / "vocab.json").read_text())
@@ -94,14 +73,12 @@ def data_sets(images: int, kinds: list[str]) -> dict[str, dict]:
     return dict(known[k] for k in kinds)
 
 
-def prepare(
-    folder: Path, data: dict, params: dict, extractor_cache: dict, out: Prepared | None = None
-) -> Prepared:
+def prepare(folder: Path, data: dict, params: dict, extractor_cache: dict) -> Prepared:
     """The data set `data` (data-section overrides) through download..tokenize into `folder`.
 
     `params` is params.yaml as a mapping: its data, split, validate, features
     and tokenize sections are the base. `extractor_cache` keeps one extractor
-    between data sets. `out`: where the outputs go (default `Prepared.flat(folder)`).
+    between data sets.
     """
     folder.mkdir(parents=True, exist_ok=True)
     sections = {
@@ -111,7 +88,8 @@ def prepare(
         "features": from_dict(FeaturesParams, "features", params.get("features")),
         "tokenize": from_dict(TokenizeParams, "tokenize", params.get("tokenize")),
     }
-    out = out or Prepared.flat(folder)
+    out = Prepared(folder / "raw", folder / "captions.parquet", folder / "features",
+                   folder / "tokens")  # fmt: skip
     marker = {name: dataclasses.asdict(section) for name, section in sections.items()}
     try:
         if json.loads((folder / MARKER).read_text()) == marker:
@@ -153,19 +131,3 @@ def _tokenize(out: Prepared, params: TokenizeParams) -> None:
     for split, (tokens, image_ids) in encoded.items():
         np.save(out.tokens / f"{split}.npy", tokens)
         np.save(out.tokens / f"{split}_image_ids.npy", image_ids)
-
-
-def train_model(data: Prepared, params: TrainParams, workdir: Path, callbacks=()) -> tuple:
-    """The train stage's `fit_captioner` on a prepared data set: (model, summary).
-
-    Checkpoints go to `workdir`, so a killed run resumes there.
-    """
-    from captioning.training.fit import fit_captioner
-
-    table = pd.read_parquet(data.table)
-    return fit_captioner(
-        FeatureStore(data.features), data.vocabulary(), CaptionSet.load(data.tokens, "train"),
-        CaptionSet.load(data.tokens, "val"), params, data.extractor_spec(),
-        workdir / "checkpoints", workdir / "history.csv", callbacks=list(callbacks),
-        val_references=references_by_image(table, "val"), val_scorer=source_scorer(data.raw),
-    )  # fmt: skip

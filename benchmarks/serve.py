@@ -11,8 +11,8 @@ Which server: `--url http://127.0.0.1:PORT` measures one already running
 (memory only with `--server-pid`); otherwise it starts `mlflow models serve
 --env-manager local` itself on a free loopback port, for `--model-uri`
 (default `models:/image-captioner@champion` in the repo's `mlflow.db`) or,
-with `--untrained`, for an untrained model of the run's sizes (the tutorial's)
-saved in the workspace: an untrained model rarely writes `<end>`, so its
+with `--untrained`, for an untrained model of the default (tutorial) size
+logged to a throwaway store: an untrained model rarely writes `<end>`, so its
 greedy decoding runs all `max_length` steps, an upper bound on a trained
 model's cost (decoding stops once every caption of a batch has ended).
 """
@@ -30,17 +30,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import numpy as np
 import requests
 
 from benchmarks.harness import PeakSampler, Result
 from benchmarks.scoring_server import ScoringServer, process_tree_rss
-from benchmarks.workspace import REPO_ROOT
+from benchmarks.workspace import REPO_ROOT, tutorial_model
+from captioning.features import build_extractor, weights_digest
+from captioning.serving.pyfunc import ServingConfig, log_captioner_model
 from captioning.tracking import runs as tracking
+from captioning.training.checkpoints import save_model
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 QUICK_REQUESTS = 12
 MIB = 2**20
+
+
+def untrained_model_uri(store: Path, vocab_size: int) -> str:
+    """Log an untrained default-size captioner to a sqlite store under `store`; its models:/ URI."""
+    digest = weights_digest(build_extractor("none", 299, 0))
+    model = tutorial_model(vocab_size, extractor_digest=digest)
+    path = store / "untrained.keras"
+    save_model(model, path)
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    mlflow.set_experiment("serve-load-benchmark")
+    with mlflow.start_run():
+        return log_captioner_model(path, ServingConfig()).model_uri
 
 
 def run_scenario(url, images, batch, concurrency, total, params, pid, warmup=3) -> dict:
@@ -110,7 +126,8 @@ def bench_serve(ws) -> Result:
         else:
             env = {"MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
             if o.untrained:
-                what = str(ws.pyfunc_model("untrained")[1])
+                what = untrained_model_uri(ws.root, ws.vocab_size)
+                env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws.root / 'mlflow.db'}"
             else:
                 what = o.model_uri
                 env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(REPO_ROOT)

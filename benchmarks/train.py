@@ -1,18 +1,19 @@
-"""Training: the compiled whole-sequence step against the tutorial's loop, and by precision.
+"""Training benchmarks: the compiled whole-sequence step against the tutorial's loop, precisions.
 
-`bench_train` measures caption pairs/s of `Captioner.fit` (one XLA-compiled
-step over the whole sequence, also with image-major batches) and of the
-TensorFlow tutorial's train_step (a Python loop over time steps inside a
-GradientTape), as the tutorial writes it and with the per-sequence work
-hoisted; the loops use the model's own layers, and their logits are checked
-against the scan's. `bench_precision` times the step the train stage runs for
-each `train.precision`, with its share of the float32 and half-precision peaks.
+`bench_train` measures caption pairs/s of the project's `Captioner.fit` (one
+XLA-compiled step over the whole sequence, also with image-major batches) and
+of the TensorFlow tutorial's train_step, a Python loop over time steps inside a
+GradientTape, both as the tutorial writes it and with the per-sequence work
+hoisted out of the loop. The loops here are the baselines; they use the
+model's own layers, so the loop is the only difference, and the benchmark first
+checks that they compute the scan's logits. `bench_precision` times the step
+the train stage runs for each `train.precision`, with its share of the float32
+and of the half-precision matmul peak (tensor cores, on a GPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import keras
@@ -24,6 +25,7 @@ from benchmarks.flops import (
     add_utilisation,
     captioner_flops,
     matmul_gflops,
+    peak_gflops,
 )
 from benchmarks.harness import BatchClock, Result, Timing, seconds, timed
 from benchmarks.workspace import (
@@ -31,10 +33,13 @@ from benchmarks.workspace import (
     CAPTIONS_PER_IMAGE,
     CHANNELS,
     LOCATIONS,
+    TRAIN_BATCH,
     Workspace,
     compile_for_training,
     fake_features,
     fake_tokens,
+    model_sizes,
+    tutorial_model,
 )
 from captioning.config import TrainParams
 from captioning.data.text import PAD_ID
@@ -116,20 +121,27 @@ def loop_train_step(model: Captioner, optimizer, features, tokens, hoisted: bool
     return loss
 
 
+def tutorial_train_step(model: Captioner, optimizer, features, tokens) -> tf.Tensor:
+    """The tutorial's loop as written: attention keys recomputed for every word."""
+    return loop_train_step(model, optimizer, features, tokens, hoisted=False)
+
+
+def hoisted_train_step(model: Captioner, optimizer, features, tokens) -> tf.Tensor:
+    """The same loop with the per-sequence work done once, as the compiled scan does."""
+    return loop_train_step(model, optimizer, features, tokens, hoisted=True)
+
+
 # ----------------------------------------------------------------------------- timing steps
 
 
 Batch = tuple[np.ndarray, np.ndarray]  # features (B, L, C) float16, tokens int32
 
 
-def _fake_batches(count: int, ws: Workspace, rng: np.random.Generator) -> list[Batch]:
-    rows = ws.sizes.train_batch
-    return [(fake_features(rng, rows), fake_tokens(rows, ws.vocab_size, rng)) for _ in range(count)]
-
-
-def _pairs(data: list[Batch]) -> int:
-    """Caption pairs in all but the first (warm-up) batch."""
-    return (len(data) - 1) * len(data[0][1])
+def _fake_batches(count: int, vocab_size: int, rng: np.random.Generator) -> list[Batch]:
+    return [
+        (fake_features(rng, TRAIN_BATCH), fake_tokens(TRAIN_BATCH, vocab_size, rng))
+        for _ in range(count)
+    ]
 
 
 def _add_logit_gaps(result: Result, model: Captioner, data: list[Batch]) -> None:
@@ -141,9 +153,16 @@ def _add_logit_gaps(result: Result, model: Captioner, data: list[Batch]) -> None
         result.add(f"max |logit| gap, {name} vs scan", float(gap), "")
 
 
-def _dataset(items: list, *specs: tf.TensorSpec) -> tf.data.Dataset:
-    """`items` as tf.data: features, then `specs`; shapes unknown, as caption_batches leaves them."""
-    signature = (tf.TensorSpec((None, LOCATIONS, CHANNELS), tf.float16), *specs)
+def _dataset(items: list[Batch], tokens_shape: tuple) -> tf.data.Dataset:
+    """`items` as tf.data with caption_batches' signature and prefetching.
+
+    Shapes are left unknown, as caption_batches leaves them, so the trace is
+    the one training uses.
+    """
+    signature = (
+        tf.TensorSpec((None, LOCATIONS, CHANNELS), tf.float16),
+        tf.TensorSpec(tokens_shape, tf.int32),
+    )
     batches = tf.data.Dataset.from_generator(lambda: iter(items), output_signature=signature)
     return batches.apply(tf.data.experimental.assert_cardinality(len(items))).prefetch(2)
 
@@ -158,8 +177,8 @@ def _fit_seconds(model: Captioner, batches: tf.data.Dataset) -> float:
 
 def _compiled_rate(model: Captioner, data: list[Batch]) -> float:
     """Pairs/s of `Captioner.fit` on one caption per row."""
-    seconds_taken = _fit_seconds(model, _dataset(data, tf.TensorSpec((None, None), tf.int32)))
-    return _pairs(data) / seconds_taken
+    seconds_taken = _fit_seconds(model, _dataset(data, (None, None)))
+    return (len(data) - 1) * TRAIN_BATCH / seconds_taken
 
 
 def _image_major_rate(
@@ -171,7 +190,7 @@ def _image_major_rate(
     and attention keys once per image (at batch 64: 13 images x 5 captions).
     """
     k = CAPTIONS_PER_IMAGE
-    n_images = round(len(data[0][1]) / k)
+    n_images = round(TRAIN_BATCH / k)
     grouped = [
         (f[:n_images], fake_tokens(n_images * k, vocab_size, rng).reshape(n_images, k, -1))
         for f, _ in data
@@ -179,7 +198,7 @@ def _image_major_rate(
     # A fresh train function: Keras' reduce_retracing would otherwise relax the traced
     # token spec from (B, T) to unknown rank, and the model needs to see (n, K, T).
     model.make_train_function(force=True)
-    seconds_taken = _fit_seconds(model, _dataset(grouped, tf.TensorSpec((None, k, None), tf.int32)))
+    seconds_taken = _fit_seconds(model, _dataset(grouped, (None, k, None)))
     return (len(data) - 1) * n_images * k / seconds_taken, n_images
 
 
@@ -190,17 +209,22 @@ def _loop_rate(model: Captioner, optimizer, step: Callable, data: list[Batch]) -
         return step(model, optimizer, *map(tf.convert_to_tensor, batch)).numpy()
 
     run(data[0])
-    return _pairs(data) / seconds(lambda: [run(b) for b in data[1:]])
+    return (len(data) - 1) * TRAIN_BATCH / seconds(lambda: [run(b) for b in data[1:]])
 
 
 def _step_elements(data: list[Batch]) -> tf.data.Dataset:
     """`data` as the distributed step's elements: features, tokens, global tokens and rows."""
     elements = [(f, t, np.float32(np.sum(t[:, 1:] != PAD_ID)), np.float32(len(t))) for f, t in data]
-    scalar = tf.TensorSpec((), tf.float32)
-    return _dataset(elements, tf.TensorSpec((None, None), tf.int32), scalar, scalar)
+    signature = (
+        tf.TensorSpec((None, LOCATIONS, CHANNELS), tf.float16),
+        tf.TensorSpec((None, None), tf.int32),
+        tf.TensorSpec((), tf.float32),
+        tf.TensorSpec((), tf.float32),
+    )
+    return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=signature)
 
 
-def precision_steps(ws: Workspace, precision: str) -> Timing:
+def precision_steps(vocab_size: int, batches: int, precision: str) -> Timing:
     """Seconds of each of `batches` steps that `train.precision` runs, on fake batches.
 
     The step is `captioning.training.distributed.distributed_step` on one device, as
@@ -209,16 +233,15 @@ def precision_steps(ws: Workspace, precision: str) -> Timing:
     (float32, mixed_float16 with loss scaling, mixed_bfloat16), the loss in
     float32. The global policy is restored afterwards.
     """
-    batches = ws.sizes.train_batches
-    data = _fake_batches(batches + 1, ws, np.random.default_rng(0))
+    data = _fake_batches(batches + 1, vocab_size, np.random.default_rng(0))
     params = dataclasses.replace(TrainParams(), precision=precision)
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = ws.model()
+        model = tutorial_model(vocab_size)
         optimizer = make_optimizer(params, len(data), summed=True)
         optimizer.build(model.trainable_variables)
-        step = distributed_step(make_strategy("none"), model, optimizer, ws.sizes.jit_compile)
+        step = distributed_step(make_strategy("none"), model, optimizer, params.jit_compile)
         iterator = iter(_step_elements(data))
         return timed(lambda: step(iterator).numpy(), batches)  # the warm-up traces, compiles
     finally:
@@ -248,7 +271,7 @@ def _add_train_utilisation(
     rates = {"compiled, image-major": image_major}
     add_utilisation(result, peak, size, image_major_pair, rates, "pair, image-major")
     c = model.model_config
-    b, u, a = ws.sizes.train_batch, c.units, c.attention_units
+    b, u, a = TRAIN_BATCH, c.units, c.attention_units
     shapes = {  # (m, k, n): the peak's, and the step's own matmuls
         f"peak {size}^2": (size, size, size),
         f"per-word recurrent {b}x{u} @ {u}x{a + 3 * u}": (b, u, a + 3 * u),
@@ -256,7 +279,7 @@ def _add_train_utilisation(
         f"fc2 over all words {b * words}x{u} @ {u}x{ws.vocab_size}": (b * words, u, ws.vocab_size),
     }
     jit = tuple(name for name in shapes if "XLA" in name)
-    for name, rate in matmul_gflops(shapes, seconds_per_try=ws.sizes.matmul_s, jit=jit).items():
+    for name, rate in matmul_gflops(shapes, jit=jit).items():
         result.add(f"matmul alone, same rounds: {name}", rate, "GFLOP/s")
     result.notes.append(
         f"model FLOPs: {TRAINING_PER_FORWARD} x the forward pass over {words} words "
@@ -271,21 +294,21 @@ def _add_train_utilisation(
 def bench_train(ws: Workspace) -> Result:
     sizes, vocab = ws.sizes, ws.vocab_size
     result = Result(
-        f"train: caption pairs/s, batch {sizes.train_batch}, {CAPTION_TOKENS}-token captions, "
-        f"vocab {vocab}"
+        f"train: caption pairs/s, batch {TRAIN_BATCH}, {CAPTION_TOKENS}-token captions, "
+        f"tutorial sizes ({model_sizes()}), vocab {vocab}"
     )
     rng = np.random.default_rng(0)
-    data = _fake_batches(sizes.train_batches + 1, ws, rng)  # one more for warm-up
-    model = ws.model()
-    compile_for_training(model, ws.sizes)
+    data = _fake_batches(sizes.train_batches + 1, vocab, rng)  # one more for warm-up
+    model = tutorial_model(vocab)
+    compile_for_training(model)
     _add_logit_gaps(result, model, data)
 
     compiled = _compiled_rate(model, data)
     image_major, n_images = _image_major_rate(model, data, vocab, rng)
     optimizer = keras.optimizers.Adam(TrainParams().learning_rate)
     optimizer.build(model.trainable_variables)
-    eager = _loop_rate(model, optimizer, functools.partial(loop_train_step, hoisted=False), data)
-    hoisted = _loop_rate(model, optimizer, functools.partial(loop_train_step, hoisted=True), data)
+    eager = _loop_rate(model, optimizer, tutorial_train_step, data)
+    hoisted = _loop_rate(model, optimizer, hoisted_train_step, data)
 
     k = CAPTIONS_PER_IMAGE
     result.add("compiled whole-sequence step (fit)", compiled, "pairs/s")
@@ -300,8 +323,7 @@ def bench_train(ws: Workspace) -> Result:
     result.check("compiled / eager tutorial loop", ">= 5", compiled / eager >= 5)
     _add_train_utilisation(result, ws, model, compiled, image_major)
     if sizes.train_unrolled:
-        step = tf.function(functools.partial(loop_train_step, hoisted=False))
-        unrolled = _loop_rate(model, optimizer, step, data)
+        unrolled = _loop_rate(model, optimizer, tf.function(tutorial_train_step), data)
         result.add("tutorial loop, tf.function (unrolled)", unrolled, "pairs/s")
         result.add("compiled / tf.function tutorial loop", compiled / unrolled, "x")
     else:
@@ -319,26 +341,26 @@ def bench_precision(ws: Workspace) -> Result:
     sizes = ws.sizes
     result = Result(
         f"precision: caption pairs/s by train.precision (the step the train stage runs for it), "
-        f"batch {sizes.train_batch}, {sizes.train_batches} timed batches"
+        f"batch {TRAIN_BATCH}, {sizes.train_batches} timed batches"
     )
     words = CAPTION_TOKENS - 1
-    per_pair = TRAINING_PER_FORWARD * captioner_flops(ws.model()).forward(words)
+    per_pair = TRAINING_PER_FORWARD * captioner_flops(tutorial_model(ws.vocab_size)).forward(words)
     peak32 = ws.peak_gflops()
     result.add(f"peak float32 ({sizes.peak_matmul}^2 matmul)", peak32, "GFLOP/s")
     result.add("model FLOPs per caption pair (training)", per_pair / 1e9, "GFLOP")
     for precision in PRECISIONS:
         try:
-            steps = precision_steps(ws, precision)
+            steps = precision_steps(ws.vocab_size, sizes.train_batches, precision)
         except Exception as err:  # a precision this device or the model cannot run: say which
             result.notes.append(f"{precision} failed: {type(err).__name__}: {str(err)[:300]}")
             continue
-        rate = len(steps.samples) * sizes.train_batch / sum(steps.samples)
+        rate = len(steps.samples) * TRAIN_BATCH / sum(steps.samples)
         achieved = per_pair * rate / 1e9
         row = {"precision": precision, "pairs/s": rate, "step spread": steps.spread}
         row["GFLOP/s"] = achieved
         row["% of float32 peak"] = 100 * achieved / peak32
         if precision in _HALF:
-            half = ws.peak_gflops(_HALF[precision])
+            half = peak_gflops(sizes.peak_matmul, _HALF[precision])
             row.update({"half peak GFLOP/s": half, "% of half peak": 100 * achieved / half})
         result.add_row(row)
     return result

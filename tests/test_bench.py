@@ -1,11 +1,10 @@
-"""The benchmark runner: one `--smoke` run of every registered benchmark reports real numbers.
+"""The benchmark runner: every registered benchmark runs in --quick mode and reports real numbers.
 
-No timing assertions: the figures depend on the machine and its load, and at
---smoke's tiny sizes they mean nothing. One `python -m benchmarks --smoke` run,
-as a user runs it, goes through every benchmark end to end; its report must
-hold finite numbers for every figure and table cell, and the markdown table it
-prints must show them. The FLOP counts and the training benchmark's baselines
-are checked against hand counts and the model's scan.
+No timing assertions: the figures depend on the machine and its load. Each
+benchmark runs through `python -m benchmarks --quick`, as a user runs it; its
+report must hold finite numbers for every figure and table cell, and the
+markdown table it prints must show them. The FLOP counts and the training
+benchmark's baselines are checked against hand counts and the model's scan.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 from benchmarks.flops import captioner_flops, layer_flops
 from benchmarks.harness import report_rows
-from benchmarks.registry import BY_NAME, REGISTRY
+from benchmarks.registry import BY_NAME
 from benchmarks.train import loop_logits
 
 from captioning.config import load_section
@@ -35,7 +34,9 @@ from test_model import batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-EVERY = [bench.name for bench in REGISTRY]
+IN_PROCESS = ["features", "store", "train", "memory", "decode", "precision"]
+WITH_PROCESSES = ["serve", "distributed", "multi_worker_fit"]
+ON_A_PIPELINE = ["convergence", "decoders", "architectures"]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -54,27 +55,14 @@ def real(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """Every benchmark in one --smoke run: (report, printed lines, workspace)."""
-    workspace = tmp_path_factory.mktemp("bench")
-    out = workspace / "bench.json"
-    done = run_bench("--smoke", *EVERY, "--untrained", "--concurrency", "2",
-                     "--workspace", str(workspace / "ws"), "--out", str(out))  # fmt: skip
+def quick_report(tmp_path: Path, names: list[str], *options: str) -> dict:
+    """Run `names` with --quick; check every figure is a finite number, printed in the table."""
+    out = tmp_path / "bench.json"
+    done = run_bench("--quick", *names, *options, "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text()), done.stdout.splitlines(), workspace / "ws"
-
-
-def test_every_benchmark_is_registered_and_callable():
-    assert len(BY_NAME) == len(REGISTRY) >= 15
-    assert all(callable(bench.function()) for bench in REGISTRY)
-
-
-@pytest.mark.slow
-def test_every_benchmark_reports_finite_figures_and_prints_them(smoke):
-    report, printed, _ = smoke
-    assert report["mode"] == "smoke" and report["machine"]["cpus"] >= 1
-    assert list(report["benchmarks"]) == EVERY
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["machine"]["cpus"] >= 1
+    assert list(report["benchmarks"]) == names
     for name, entry in report["benchmarks"].items():
         assert entry["figures"] or entry.get("rows"), name
         assert all(real(v) for v in entry["figures"].values()), (name, entry["figures"])
@@ -84,61 +72,57 @@ def test_every_benchmark_reports_finite_figures_and_prints_them(smoke):
         assert all(c["figure"] in entry["figures"] and isinstance(c["pass"], bool)
                    for c in entry["checks"])  # fmt: skip
         assert entry["wall_s"] >= 0 and entry["notes"][-1].startswith("took ")
-    table = [line for line in printed if line.startswith("| ")]
-    assert table[0].startswith("| benchmark | figure | value |")
-    values = [line.split(" | ")[2] for line in table[1:]]
-    assert values == [value for _, _, value, _, _ in report_rows(report)]
-    assert all(real(float(v.replace(",", ""))) for v in values if v not in ("True", "False"))
+    printed = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert printed[0].startswith("| benchmark | figure | value |")
+    table = [line.split(" | ")[2] for line in printed[1:]]
+    assert table == [value for _, _, value, _, _ in report_rows(report)]
+    assert all(real(float(v.replace(",", ""))) for v in table if v not in ("True", "False"))
+    return report
+
+
+def test_every_benchmark_is_registered_callable_and_tested_here():
+    assert set(BY_NAME) == set(IN_PROCESS + WITH_PROCESSES + ON_A_PIPELINE)
+    assert all(callable(bench.function()) for bench in BY_NAME.values())
 
 
 @pytest.mark.slow
-def test_in_process_benchmarks_measure_what_they_name(smoke):
-    benchmarks = smoke[0]["benchmarks"]
-    store = benchmarks["store"]["figures"]
-    assert 0 < store["bytes per image (all files)"] < 2048 * 4  # under float32's size at 75 px
-    precisions = [row["precision"] for row in benchmarks["precision"]["rows"]]
+def test_quick_in_process_benchmarks_report_real_figures(tmp_path):
+    report = quick_report(tmp_path, IN_PROCESS)
+    store = report["benchmarks"]["store"]["figures"]
+    assert 0 < store["bytes per image (all files)"] < 524_288  # under float32's size
+    precisions = [row["precision"] for row in report["benchmarks"]["precision"]["rows"]]
     assert precisions == ["float32", "mixed_float16", "mixed_bfloat16"]
-    gaps = [v for k, v in benchmarks["train"]["figures"].items() if k.startswith("max |logit|")]
-    assert len(gaps) == 2 and max(gaps) < 1e-3  # the loops compute the scan's logits
-    memory = benchmarks["memory"]["figures"]
-    assert all(v > 100 for k, v in memory.items() if "peak" in k and k.endswith("images"))
 
 
 @pytest.mark.slow
-def test_serving_and_worker_benchmarks_ran_their_processes(smoke):
-    benchmarks = smoke[0]["benchmarks"]
-    serve = benchmarks["serve"]
+def test_quick_serve_and_distributed_benchmarks_report_real_figures(tmp_path):
+    report = quick_report(tmp_path, WITH_PROCESSES, "--untrained", "--concurrency", "2")
+    serve = report["benchmarks"]["serve"]
     assert serve["figures"]["failed requests"] == 0 and serve["rows"][0]["requests"] == 12
-    assert benchmarks["serve_memory"]["figures"]["failed requests"] == 0
-    assert benchmarks["serve_memory"]["figures"]["RSS baseline"] > 100  # MiB: a real server
-    steps = benchmarks["distributed"]["figures"]
+    steps = report["benchmarks"]["distributed"]["figures"]
     assert steps["two workers, global batch"] > 0 and steps["one process, half batch"] > 0
-    fit = benchmarks["multi_worker_fit"]
+    fit = report["benchmarks"]["multi_worker_fit"]
     assert len(fit["figures"]) == 2 and all("worker" in note for note in fit["notes"][:2])
-    spark = benchmarks["spark"]["figures"]
-    assert all(v > 0 for v in spark.values()) and len(spark) >= 4
 
 
 @pytest.mark.slow
-def test_pipeline_benchmarks_score_a_real_pipeline(smoke):
-    benchmarks, workspace = smoke[0]["benchmarks"], smoke[2]
-    (run,) = benchmarks["convergence"]["rows"]  # dvc repro up to evaluate
-    assert run["epochs_run"] >= 1
-    assert len(json.loads((workspace / "convergence.json").read_text())) == 1
-    decoders = benchmarks["decoders"]
+def test_quick_convergence_then_decoders_and_architectures_on_its_project(tmp_path):
+    scratch, results = tmp_path / "convergence", tmp_path / "convergence.json"
+    options = ("--scratch", str(scratch), "--results", str(results))
+    (run,) = quick_report(tmp_path, ["convergence"], *options)["benchmarks"]["convergence"]["rows"]
+    assert run["epochs_run"] >= 1 and len(json.loads(results.read_text())) == 1
+
+    project = scratch / "demo24"  # a real pipeline: dvc repro up to evaluate
+    report = quick_report(tmp_path, ON_A_PIPELINE[1:], "--project", str(project))
+    decoders = report["benchmarks"]["decoders"]
     assert [row["decoder"] for row in decoders["rows"]] == ["greedy", "beam 3", "beam 5"]
     for row in decoders["rows"]:
         assert all(0.0 <= row[m] <= 1.0 for m in QUALITY if m != "CIDEr") and row["CIDEr"] >= 0
-    rows = benchmarks["architectures"]["rows"]
+    rows = report["benchmarks"]["architectures"]["rows"]
     assert [row["decoder"] for row in rows] == ["gru", "transformer"]
     assert all(row["train pairs/s"] > 0 and row["one image ms"] > 0 for row in rows)
-    selection = [row["run"] for row in benchmarks["selection"]["rows"]]
-    assert selection == [
-        f"{d}-8 decoding {c}" for d in ("demo", "scenes") for c in ("greedy", "beam3")
-    ]
 
-    # The greedy row is what the evaluate stage's own function scores on that pipeline.
-    project = workspace / "pipeline"
+    # The greedy row is what the evaluate stage's own function scores.
     os.chdir(project)  # the pipeline's files name each other from its root
     try:
         direct = evaluate_split(

@@ -2,7 +2,7 @@
 
 Two data sets (the demo and the scenes source, 8 train images each), two
 seeds, the decoding experiment (greedy vs beam 3 share one trained model per
-seed) at --smoke's sizes (75 px images, width 16): every figure comes from `fit_captioner` and
+seed) at --quick's sizes: every figure comes from `fit_captioner` and
 `evaluate_split` on the val split, and a rerun reads the cache instead of
 training again.
 """
@@ -41,7 +41,8 @@ def test_quick_protocol_trains_scores_val_and_resumes(tmp_path, capsys):
     }
     run = dict(
         cache=tmp_path / "cache", images=8, experiments=experiments, seeds=2,
-        kinds=["demo", "scenes"], changes=selection.SMOKE,
+        kinds=["demo", "scenes"], train_overrides=selection.QUICK_TRAIN,
+        evaluate_overrides=selection.QUICK_EVALUATE,
     )  # fmt: skip
     results = selection.selection(**run)
     assert set(results["data_sets"]) == {"demo-8", "scenes-8"}
